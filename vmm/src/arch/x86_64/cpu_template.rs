@@ -1,0 +1,249 @@
+//! CPU templates: which CPUID features the guest sees, and the guest kernel
+//! options that go with them.
+//!
+//! On a PVM host (see `docs/pvm.md`) guest kernel code runs in KVM's instruction
+//! emulator, which lacks SIMD, the xsave family, `cmpxchg16b` and a few others, and
+//! CPUID is only partly under our control: bits the host KVM does not report leak
+//! through. The `conservative` template therefore both masks CPUID and asks the
+//! guest kernel itself to drop those features (`clearcpuid=`, `noxsave`, ...), so the
+//! kernel never patches such instructions in. Everything that is specific to
+//! slow, emulated guest kernels lives here and nowhere else.
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+
+/// A named set of CPUID masks plus the guest options it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum CpuTemplate {
+    /// Hide features the PVM emulator cannot execute; boots here and on real hardware.
+    #[default]
+    Conservative,
+    /// Pass through everything KVM supports; for hardware-assisted KVM only.
+    Host,
+}
+
+/// One feature bit to clear: (leaf, subleaf or None for any, register, bit, name).
+struct Mask {
+    leaf: u32,
+    reg: Reg,
+    bit: u32,
+}
+
+#[derive(Clone, Copy)]
+enum Reg {
+    Ebx,
+    Ecx,
+    Edx,
+}
+
+const fn m(leaf: u32, reg: Reg, bit: u32) -> Mask {
+    Mask { leaf, reg, bit }
+}
+
+/// CPUID bits hidden by the conservative template (SDM vol. 2A, CPUID).
+const CONSERVATIVE_MASKS: &[Mask] = &[
+    // Leaf 1 ECX: pclmulqdq, ssse3, fma, cx16, sse4.1, sse4.2, movbe, popcnt, aes, xsave, osxsave, avx, f16c, rdrand.
+    m(1, Reg::Ecx, 1),
+    m(1, Reg::Ecx, 9),
+    m(1, Reg::Ecx, 12),
+    m(1, Reg::Ecx, 13),
+    m(1, Reg::Ecx, 19),
+    m(1, Reg::Ecx, 20),
+    m(1, Reg::Ecx, 22),
+    m(1, Reg::Ecx, 23),
+    m(1, Reg::Ecx, 25),
+    m(1, Reg::Ecx, 26),
+    m(1, Reg::Ecx, 27),
+    m(1, Reg::Ecx, 28),
+    m(1, Reg::Ecx, 29),
+    m(1, Reg::Ecx, 30),
+    // Leaf 7 EBX: fsgsbase, bmi1, hle, avx2, bmi2, invpcid, rtm, avx512f, avx512dq, rdseed, adx, smap,
+    // avx512ifma, clflushopt, clwb, avx512pf, avx512er, avx512cd, sha, avx512bw, avx512vl.
+    m(7, Reg::Ebx, 0),
+    m(7, Reg::Ebx, 3),
+    m(7, Reg::Ebx, 4),
+    m(7, Reg::Ebx, 5),
+    m(7, Reg::Ebx, 8),
+    m(7, Reg::Ebx, 10),
+    m(7, Reg::Ebx, 11),
+    m(7, Reg::Ebx, 16),
+    m(7, Reg::Ebx, 17),
+    m(7, Reg::Ebx, 18),
+    m(7, Reg::Ebx, 19),
+    m(7, Reg::Ebx, 20),
+    m(7, Reg::Ebx, 21),
+    m(7, Reg::Ebx, 23),
+    m(7, Reg::Ebx, 24),
+    m(7, Reg::Ebx, 26),
+    m(7, Reg::Ebx, 27),
+    m(7, Reg::Ebx, 28),
+    m(7, Reg::Ebx, 29),
+    m(7, Reg::Ebx, 30),
+    m(7, Reg::Ebx, 31),
+    // Leaf 7 ECX: avx512vbmi, pku, ospke, waitpkg, avx512vbmi2, gfni, vaes, vpclmulqdq, avx512vnni,
+    // avx512bitalg, avx512vpopcntdq, la57, rdpid, movdiri, movdir64b.
+    m(7, Reg::Ecx, 1),
+    m(7, Reg::Ecx, 3),
+    m(7, Reg::Ecx, 4),
+    m(7, Reg::Ecx, 5),
+    m(7, Reg::Ecx, 6),
+    m(7, Reg::Ecx, 8),
+    m(7, Reg::Ecx, 9),
+    m(7, Reg::Ecx, 10),
+    m(7, Reg::Ecx, 11),
+    m(7, Reg::Ecx, 12),
+    m(7, Reg::Ecx, 14),
+    m(7, Reg::Ecx, 16),
+    m(7, Reg::Ecx, 22),
+    m(7, Reg::Ecx, 27),
+    m(7, Reg::Ecx, 28),
+    // Extended leaf 0x8000_0001 ECX: lzcnt (abm), sse4a, xop, fma4, tbm; EDX: rdtscp.
+    m(0x8000_0001, Reg::Ecx, 5),
+    m(0x8000_0001, Reg::Ecx, 6),
+    m(0x8000_0001, Reg::Ecx, 11),
+    m(0x8000_0001, Reg::Ecx, 16),
+    m(0x8000_0001, Reg::Ecx, 21),
+    m(0x8000_0001, Reg::Edx, 27),
+];
+
+/// Guest kernel options of the conservative template, and why each is there:
+/// - `noxsave`: the emulator cannot run xsave/xrstor, and CPUID masking alone does not stop the kernel;
+/// - `nofsgsbase`, `clearcpuid=...`: make the kernel drop features whose CPUID bits leak from the host
+///   before it patches its alternatives (SIMD crypto/RAID code, popcnt in hweight, rdpid/rdtscp, smap's clac/stac);
+/// - `initcall_blacklist=ftrace_check_for_weak_functions`: a boot-time ftrace self-check doing tens of
+///   thousands of emulated kallsyms lookups (minutes under emulation; it only hides tracing of
+///   overridden weak functions);
+/// - `nosoftlockup`: emulated kernel code is slow enough to trip the soft-lockup watchdog spuriously;
+/// - `tsc=reliable`: skip the clocksource watchdog, which misjudges an emulated TSC.
+const CONSERVATIVE_GUEST_OPTIONS: &[&str] = &[
+    "noxsave",
+    "nofsgsbase",
+    "clearcpuid=pclmulqdq,aes,ssse3,sse4_1,sse4_2,avx,avx2,fma,f16c,sha_ni,movbe,popcnt,rdseed,rdrand,adx,bmi1,bmi2,clflushopt,clwb,rdpid,rdtscp,smap,avx512f",
+    "initcall_blacklist=ftrace_check_for_weak_functions",
+    "nosoftlockup",
+    "tsc=reliable",
+];
+
+impl CpuTemplate {
+    /// The template's name as accepted by `--cpu-template`.
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuTemplate::Conservative => "conservative",
+            CpuTemplate::Host => "host",
+        }
+    }
+
+    /// Guest kernel command-line options this template needs.
+    pub fn guest_options(self) -> &'static [&'static str] {
+        match self {
+            CpuTemplate::Conservative => CONSERVATIVE_GUEST_OPTIONS,
+            CpuTemplate::Host => &[],
+        }
+    }
+
+    /// Applies the template and the per-vCPU topology (APIC ids) to a CPUID table
+    /// obtained from `KVM_GET_SUPPORTED_CPUID`.
+    pub fn apply(self, cpuid: &mut CpuId, vcpu_id: u8, num_cpus: u8) {
+        for entry in cpuid.as_mut_slice() {
+            if self == CpuTemplate::Conservative {
+                apply_masks(entry, CONSERVATIVE_MASKS);
+            }
+            set_topology(entry, vcpu_id, num_cpus);
+        }
+    }
+}
+
+fn apply_masks(entry: &mut kvm_cpuid_entry2, masks: &[Mask]) {
+    // Leaf 7 masks apply to subleaf 0 only.
+    if entry.function == 7 && entry.index != 0 {
+        return;
+    }
+    for mask in masks.iter().filter(|m| m.leaf == entry.function) {
+        let reg = match mask.reg {
+            Reg::Ebx => &mut entry.ebx,
+            Reg::Ecx => &mut entry.ecx,
+            Reg::Edx => &mut entry.edx,
+        };
+        *reg &= !(1 << mask.bit);
+    }
+    // Without xsave the xsave leaf must not advertise state components.
+    if entry.function == 0xd {
+        entry.eax = 0;
+        entry.ebx = 0;
+        entry.ecx = 0;
+        entry.edx = 0;
+    }
+}
+
+const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+const LEAF1_EDX_HTT: u32 = 1 << 28;
+
+fn set_topology(entry: &mut kvm_cpuid_entry2, vcpu_id: u8, num_cpus: u8) {
+    match entry.function {
+        1 => {
+            // EBX[31:24] initial APIC id, EBX[23:16] logical processors per package.
+            entry.ebx = (entry.ebx & 0x0000_ffff) | (u32::from(vcpu_id) << 24) | (u32::from(num_cpus) << 16);
+            entry.ecx |= LEAF1_ECX_HYPERVISOR;
+            if num_cpus > 1 {
+                entry.edx |= LEAF1_EDX_HTT;
+            }
+        }
+        0xb | 0x1f => entry.edx = u32::from(vcpu_id),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax: u32::MAX,
+            ebx: u32::MAX,
+            ecx: u32::MAX,
+            edx: u32::MAX,
+            ..Default::default()
+        }
+    }
+
+    fn table() -> CpuId {
+        CpuId::from_entries(&[entry(1, 0), entry(7, 0), entry(7, 1), entry(0xd, 0), entry(0x8000_0001, 0), entry(0xb, 0)])
+            .unwrap()
+    }
+
+    #[test]
+    fn conservative_hides_emulator_hostile_features() {
+        let mut cpuid = table();
+        CpuTemplate::Conservative.apply(&mut cpuid, 1, 2);
+        let e = cpuid.as_slice();
+        let leaf1 = e[0];
+        assert_eq!(leaf1.ecx & (1 << 13), 0, "cx16");
+        assert_eq!(leaf1.ecx & (1 << 26), 0, "xsave");
+        assert_eq!(leaf1.ecx & (1 << 23), 0, "popcnt");
+        assert_ne!(leaf1.ecx & LEAF1_ECX_HYPERVISOR, 0);
+        assert_eq!(leaf1.ebx >> 24, 1, "apic id");
+        assert_eq!((leaf1.ebx >> 16) & 0xff, 2, "logical count");
+        let leaf7 = e[1];
+        assert_eq!(leaf7.ebx & 1, 0, "fsgsbase");
+        assert_eq!(leaf7.ebx & (1 << 20), 0, "smap");
+        assert_eq!(leaf7.ecx & (1 << 22), 0, "rdpid");
+        assert_eq!(e[2].ebx, u32::MAX, "leaf 7 subleaf 1 untouched");
+        assert_eq!((e[3].eax, e[3].ebx), (0, 0), "xsave leaf emptied");
+        assert_eq!(e[4].edx & (1 << 27), 0, "rdtscp");
+        assert_eq!(e[5].edx, 1, "x2apic id");
+        assert!(CpuTemplate::Conservative.guest_options().contains(&"noxsave"));
+    }
+
+    #[test]
+    fn host_template_only_sets_topology() {
+        let mut cpuid = table();
+        CpuTemplate::Host.apply(&mut cpuid, 0, 1);
+        let e = cpuid.as_slice();
+        assert_eq!(e[0].ecx, u32::MAX);
+        assert_eq!(e[0].ebx >> 24, 0);
+        assert_eq!(e[1].ebx, u32::MAX);
+        assert!(CpuTemplate::Host.guest_options().is_empty());
+    }
+}

@@ -1,0 +1,6 @@
+//! `vmm`: a rust-vmm based virtual machine monitor that boots unmodified Linux
+//! guests and (in later work) live-patches their kernels from the host.
+
+pub mod arch;
+pub mod devices;
+pub mod guest_image;
