@@ -2,5 +2,10 @@
 //! guests and (in later work) live-patches their kernels from the host.
 
 pub mod arch;
+// pub mod builder; (enabled once acpi/emulate/virtio land)
+pub mod config;
+pub mod console;
 pub mod devices;
 pub mod guest_image;
+pub mod signals;
+pub mod vstate;

@@ -1,0 +1,162 @@
+//! The host side of the serial console: the output sink, raw terminal mode,
+//! and the stdin subscriber that feeds the UART.
+
+use std::fs::OpenOptions;
+use std::io::{self, Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::ConsoleConfig;
+use crate::devices::serial::SerialDevice;
+
+/// Opens the output sink for `cfg`.
+pub fn output_sink(cfg: &ConsoleConfig) -> io::Result<Box<dyn Write + Send>> {
+    Ok(match cfg {
+        ConsoleConfig::Stdio => Box::new(io::stdout()),
+        ConsoleConfig::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot open console file {}: {e}", path.display())))?,
+        ),
+        ConsoleConfig::None => Box::new(io::sink()),
+    })
+}
+
+/// Puts the terminal on stdin into raw mode and restores it when dropped.
+pub struct RawTerminal {
+    saved: libc::termios,
+}
+
+impl RawTerminal {
+    /// Returns None when stdin is not a terminal.
+    pub fn enable() -> Option<Self> {
+        let fd = io::stdin().as_raw_fd();
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(fd) } != 1 {
+            return None;
+        }
+        // SAFETY: termios is plain data; tcgetattr fills it for a valid tty fd.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd is a tty and `saved` is a valid, writable termios.
+        if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
+            return None;
+        }
+        let mut raw = saved;
+        // SAFETY: cfmakeraw only modifies the struct it is given.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // SAFETY: fd is a tty and `raw` is a valid termios.
+        if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
+            return None;
+        }
+        Some(Self { saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restores the attributes read from the same tty in `enable`.
+        unsafe { libc::tcsetattr(io::stdin().as_raw_fd(), libc::TCSANOW, &self.saved) };
+    }
+}
+
+/// Ctrl-A then `x` quits the VMM from a raw terminal (as in QEMU).
+const ESCAPE: u8 = 0x01;
+
+/// Feeds stdin into the UART and re-fills its FIFO when the guest drains it.
+pub struct ConsoleInput {
+    serial: Arc<Mutex<SerialDevice>>,
+    rx_ready: Arc<EventFd>,
+    quit: Arc<dyn Fn() + Send + Sync>,
+    raw_tty: bool,
+    escape_pending: bool,
+    stdin_open: bool,
+}
+
+impl ConsoleInput {
+    pub fn new(
+        serial: Arc<Mutex<SerialDevice>>,
+        rx_ready: Arc<EventFd>,
+        raw_tty: bool,
+        quit: Arc<dyn Fn() + Send + Sync>,
+    ) -> Self {
+        Self {
+            serial,
+            rx_ready,
+            quit,
+            raw_tty,
+            escape_pending: false,
+            stdin_open: true,
+        }
+    }
+
+    fn filter_escape(&mut self, data: &[u8]) -> Vec<u8> {
+        if !self.raw_tty {
+            return data.to_vec();
+        }
+        let mut out = Vec::with_capacity(data.len());
+        for &b in data {
+            if self.escape_pending {
+                self.escape_pending = false;
+                match b {
+                    b'x' | b'X' => (self.quit)(),
+                    ESCAPE => out.push(ESCAPE),
+                    other => out.extend_from_slice(&[ESCAPE, other]),
+                }
+            } else if b == ESCAPE {
+                self.escape_pending = true;
+            } else {
+                out.push(b);
+            }
+        }
+        out
+    }
+
+    fn serial(&self) -> std::sync::MutexGuard<'_, SerialDevice> {
+        self.serial.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl MutEventSubscriber for ConsoleInput {
+    fn init(&mut self, ops: &mut EventOps) {
+        // A stdin that epoll cannot watch (/dev/null, a regular file) simply gives no input.
+        if let Err(e) = ops.add(Events::new(&io::stdin(), EventSet::IN)) {
+            tracing::debug!("console input disabled: {e:?}");
+            self.stdin_open = false;
+        }
+        if let Err(e) = ops.add(Events::new(self.rx_ready.as_ref(), EventSet::IN)) {
+            tracing::warn!("console flow control disabled: {e:?}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.rx_ready.as_raw_fd() {
+            let _ = self.rx_ready.read();
+            self.serial().pump_input();
+            return;
+        }
+        let mut buf = [0u8; 256];
+        let n = match io::stdin().lock().read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted || e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(_) => 0,
+        };
+        if n == 0 {
+            // EOF (or HUP): stop watching stdin; the guest keeps running.
+            if self.stdin_open {
+                let _ = ops.remove(Events::new(&io::stdin(), EventSet::IN));
+                self.stdin_open = false;
+            }
+            return;
+        }
+        let data = self.filter_escape(&buf[..n]);
+        if !data.is_empty() {
+            self.serial().queue_input(&data);
+        }
+    }
+}

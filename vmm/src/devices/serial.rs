@@ -1,0 +1,219 @@
+//! The COM1 16550A UART (vm-superio), its console output and input.
+//!
+//! Output goes to the console sink (stdout or a file) and is scanned for the
+//! kernel's panic line. Input comes from the event loop (stdin) and is queued
+//! into the UART's FIFO as fast as the guest drains it.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::sync::Arc;
+
+use vm_superio::serial::SerialEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::bus::BusDevice;
+use crate::vstate::exit::ExitSignal;
+
+/// An interrupt line backed by a KVM irqfd.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Wakes the input pump when the guest has drained the receive FIFO.
+pub struct RxReady(pub Arc<EventFd>);
+
+impl SerialEvents for RxReady {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        let _ = self.0.write(1);
+    }
+}
+
+const PANIC_MARKER: &str = "Kernel panic - not syncing";
+const MAX_LINE: usize = 512;
+
+/// Console output sink that also watches for a kernel panic line.
+pub struct ConsoleOut {
+    sink: Box<dyn Write + Send>,
+    line: Vec<u8>,
+    exit: Arc<ExitSignal>,
+}
+
+impl ConsoleOut {
+    pub fn new(sink: Box<dyn Write + Send>, exit: Arc<ExitSignal>) -> Self {
+        Self {
+            sink,
+            line: Vec::with_capacity(128),
+            exit,
+        }
+    }
+
+    fn scan(&mut self, buf: &[u8]) {
+        for &b in buf {
+            if b == b'\n' || self.line.len() >= MAX_LINE {
+                let text = String::from_utf8_lossy(&self.line);
+                if let Some(pos) = text.find(PANIC_MARKER) {
+                    self.exit.note_panic(text[pos..].trim_end().to_string());
+                }
+                self.line.clear();
+            } else if b != b'\r' {
+                self.line.push(b);
+            }
+        }
+    }
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.scan(buf);
+        // Console output must never stop the guest: a closed stdout just discards.
+        match self.sink.write_all(buf) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+            Err(e) => return Err(e),
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.sink.flush()
+    }
+}
+
+/// The UART as seen from the bus, plus pending host input.
+pub struct SerialDevice {
+    uart: Serial<IrqTrigger, RxReady, ConsoleOut>,
+    pending_input: VecDeque<u8>,
+}
+
+impl SerialDevice {
+    pub fn new(irq: EventFd, rx_ready: Arc<EventFd>, out: ConsoleOut) -> Self {
+        Self {
+            uart: Serial::with_events(IrqTrigger(irq), RxReady(rx_ready), out),
+            pending_input: VecDeque::new(),
+        }
+    }
+
+    /// Queues host input; moves as much as fits into the UART FIFO now.
+    pub fn queue_input(&mut self, data: &[u8]) {
+        self.pending_input.extend(data);
+        self.pump_input();
+    }
+
+    /// Moves pending input into the FIFO (called when the guest drained it).
+    pub fn pump_input(&mut self) {
+        while !self.pending_input.is_empty() {
+            let room = self.uart.fifo_capacity();
+            if room == 0 {
+                break;
+            }
+            let n = room.min(self.pending_input.len());
+            let chunk: Vec<u8> = self.pending_input.iter().take(n).copied().collect();
+            match self.uart.enqueue_raw_bytes(&chunk) {
+                Ok(done) if done > 0 => {
+                    self.pending_input.drain(..done);
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Bytes of host input not yet accepted by the guest.
+    pub fn pending_input(&self) -> usize {
+        self.pending_input.len()
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if data.len() == 1 && offset < 8 {
+            data[0] = self.uart.read(offset as u8);
+        } else {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if data.len() == 1 && offset < 8 {
+            if let Err(e) = self.uart.write(offset as u8, data[0]) {
+                tracing::warn!("serial write failed: {e:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn device() -> (SerialDevice, Shared, Arc<ExitSignal>, Arc<EventFd>) {
+        let out = Shared::default();
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let rx = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let dev = SerialDevice::new(
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            rx.clone(),
+            ConsoleOut::new(Box::new(out.clone()), exit.clone()),
+        );
+        (dev, out, exit, rx)
+    }
+
+    #[test]
+    fn output_reaches_sink_and_panics_are_noted() {
+        let (mut dev, out, exit, _) = device();
+        for b in b"hello\r\n[ 1.0] Kernel panic - not syncing: Attempted to kill init!\r\n" {
+            dev.write(0, &[*b]);
+        }
+        assert!(out.0.lock().unwrap().starts_with(b"hello"));
+        exit.request(crate::vstate::exit::ExitReason::Reset);
+        assert_eq!(
+            exit.reason(),
+            Some(crate::vstate::exit::ExitReason::GuestPanic(
+                "Kernel panic - not syncing: Attempted to kill init!".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn input_beyond_fifo_waits_for_guest() {
+        let (mut dev, _, _, _) = device();
+        let input = vec![b'a'; 200];
+        dev.queue_input(&input);
+        assert_eq!(dev.pending_input(), 200 - 64);
+        // The guest reads the whole FIFO through the data register.
+        let mut got = 0;
+        let mut b = [0u8];
+        loop {
+            dev.read(5, &mut b); // LSR
+            if b[0] & 1 == 0 {
+                break;
+            }
+            dev.read(0, &mut b);
+            got += 1;
+        }
+        assert_eq!(got, 64);
+        dev.pump_input();
+        assert_eq!(dev.pending_input(), 200 - 128);
+    }
+}

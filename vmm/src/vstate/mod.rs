@@ -1,0 +1,5 @@
+//! KVM objects: the VM, its vCPUs, and why the VM stopped.
+
+pub mod exit;
+// pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,462 @@
+//! vCPU threads: the `KVM_RUN` loop, exits to the device buses, the user-space
+//! fallback for instructions the in-kernel emulator cannot execute, and a
+//! race-free kick (immediate_exit + signal) for pause and stop.
+
+use std::cell::Cell;
+use std::sync::atomic::{fence, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Barrier};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{kvm_regs, kvm_sregs, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::arch::x86_64::emulate::{self, EmulateError, Fallback, FallbackStats, GuestCpuAccess};
+use crate::devices::bus::Bus;
+use crate::vstate::exit::{ExitReason, ExitSignal};
+
+/// Signal used to kick a vCPU thread out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+/// `KVM_INTERNAL_ERROR_EMULATION`: the in-kernel emulator could not execute an instruction.
+const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
+/// Longest x86 instruction.
+const MAX_INSN_LEN: usize = 15;
+
+/// Messages to a vCPU thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuEvent {
+    Pause,
+    Resume,
+    Finish,
+}
+
+/// Replies from a vCPU thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuResponse {
+    Paused,
+    Resumed,
+    Finished,
+}
+
+/// Errors of vCPU control.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    SignalHandler(vmm_sys_util::errno::Error),
+    #[error("cannot start vCPU thread: {0}")]
+    Spawn(std::io::Error),
+    #[error("vCPU {0} thread is gone")]
+    Gone(u8),
+    #[error("vCPU {0} did not answer within {1:?}")]
+    Timeout(u8, Duration),
+    #[error("cannot kick vCPU {0}: {1}")]
+    Kick(u8, vmm_sys_util::errno::Error),
+}
+
+thread_local! {
+    /// This thread's `kvm_run.immediate_exit`, for the kick signal handler.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    IMMEDIATE_EXIT.with(|p| {
+        let ptr = p.get();
+        if !ptr.is_null() {
+            // SAFETY: the pointer was set by this very thread to its own vCPU's mapped
+            // kvm_run page, which stays mapped while the thread runs; a volatile byte
+            // store is async-signal-safe.
+            unsafe { std::ptr::write_volatile(ptr, 1) };
+        }
+    });
+    fence(Ordering::Release);
+}
+
+/// Installs the kick handler once per process.
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    static ONCE: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
+    (*ONCE.get_or_init(|| register_signal_handler(kick_signal(), handle_kick).map_err(|e| e.errno())))
+        .map_err(|e| VcpuError::SignalHandler(vmm_sys_util::errno::Error::new(e)))
+}
+
+/// A vCPU and what it needs to run.
+pub struct Vcpu {
+    pub id: u8,
+    fd: VcpuFd,
+    io_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    memory: GuestMemoryMmap,
+    exit: Arc<ExitSignal>,
+    stats: Arc<FallbackStats>,
+}
+
+/// The VMM's handle on a running vCPU thread.
+pub struct VcpuHandle {
+    pub id: u8,
+    thread: Option<JoinHandle<()>>,
+    events: Sender<VcpuEvent>,
+    responses: Receiver<VcpuResponse>,
+}
+
+impl VcpuHandle {
+    /// Sends `event` and kicks the thread out of `KVM_RUN`.
+    pub fn send(&self, event: VcpuEvent) -> Result<(), VcpuError> {
+        self.events.send(event).map_err(|_| VcpuError::Gone(self.id))?;
+        if let Some(thread) = &self.thread {
+            thread
+                .kill(kick_signal())
+                .map_err(|e| VcpuError::Kick(self.id, e))?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the thread's reply.
+    pub fn wait(&self, timeout: Duration) -> Result<VcpuResponse, VcpuError> {
+        self.responses.recv_timeout(timeout).map_err(|e| match e {
+            RecvTimeoutError::Timeout => VcpuError::Timeout(self.id, timeout),
+            RecvTimeoutError::Disconnected => VcpuError::Gone(self.id),
+        })
+    }
+
+    /// Joins the thread (after `Finish`), giving up after `timeout`.
+    pub fn join(mut self, timeout: Duration) {
+        let Some(thread) = self.thread.take() else { return };
+        let deadline = std::time::Instant::now() + timeout;
+        while !thread.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
+        } else {
+            tracing::warn!("vCPU {} thread did not stop in {timeout:?}", self.id);
+        }
+    }
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+impl Vcpu {
+    pub fn new(
+        id: u8,
+        fd: VcpuFd,
+        io_bus: Arc<Bus>,
+        mmio_bus: Arc<Bus>,
+        memory: GuestMemoryMmap,
+        exit: Arc<ExitSignal>,
+        stats: Arc<FallbackStats>,
+    ) -> Self {
+        Self { id, fd, io_bus, mmio_bus, memory, exit, stats }
+    }
+
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Starts the vCPU thread; it waits on `barrier` before entering the guest.
+    pub fn start(self, barrier: Arc<Barrier>) -> Result<VcpuHandle, VcpuError> {
+        let id = self.id;
+        let (ev_tx, ev_rx) = channel();
+        let (resp_tx, resp_rx) = channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || self.run(ev_rx, resp_tx, barrier))
+            .map_err(VcpuError::Spawn)?;
+        Ok(VcpuHandle {
+            id,
+            thread: Some(thread),
+            events: ev_tx,
+            responses: resp_rx,
+        })
+    }
+
+    fn run(mut self, events: Receiver<VcpuEvent>, responses: Sender<VcpuResponse>, barrier: Arc<Barrier>) {
+        let run = self.fd.get_kvm_run();
+        let ptr = std::ptr::addr_of_mut!(run.immediate_exit);
+        IMMEDIATE_EXIT.with(|p| p.set(ptr));
+        barrier.wait();
+        loop {
+            match self.run_once() {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Stop) => {
+                    // Park until the VMM tells us to finish.
+                    if self.wait_for_finish(&events, &responses) {
+                        break;
+                    }
+                }
+                Err(Interrupted) => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    if self.handle_events(&events, &responses) {
+                        break;
+                    }
+                }
+            }
+        }
+        IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
+        let _ = responses.send(VcpuResponse::Finished);
+    }
+
+    /// Processes queued control events; returns true when the thread must end.
+    fn handle_events(&mut self, events: &Receiver<VcpuEvent>, responses: &Sender<VcpuResponse>) -> bool {
+        while let Ok(event) = events.try_recv() {
+            match event {
+                VcpuEvent::Finish => return true,
+                VcpuEvent::Resume => {
+                    let _ = responses.send(VcpuResponse::Resumed);
+                }
+                VcpuEvent::Pause => {
+                    // Tell the guest it was stopped, so its watchdogs forgive the gap.
+                    if let Err(e) = self.fd.kvmclock_ctrl() {
+                        tracing::trace!("vCPU {}: KVM_KVMCLOCK_CTRL: {e}", self.id);
+                    }
+                    let _ = responses.send(VcpuResponse::Paused);
+                    loop {
+                        match events.recv() {
+                            Ok(VcpuEvent::Resume) => {
+                                let _ = responses.send(VcpuResponse::Resumed);
+                                break;
+                            }
+                            Ok(VcpuEvent::Pause) => {
+                                let _ = responses.send(VcpuResponse::Paused);
+                            }
+                            Ok(VcpuEvent::Finish) | Err(_) => return true,
+                        }
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    fn wait_for_finish(&mut self, events: &Receiver<VcpuEvent>, responses: &Sender<VcpuResponse>) -> bool {
+        loop {
+            match events.recv() {
+                Ok(VcpuEvent::Finish) | Err(_) => return true,
+                Ok(VcpuEvent::Pause) => {
+                    let _ = responses.send(VcpuResponse::Paused);
+                }
+                Ok(VcpuEvent::Resume) => {
+                    let _ = responses.send(VcpuResponse::Resumed);
+                }
+            }
+        }
+    }
+
+    fn stop(&self, reason: ExitReason) -> Result<Flow, Interrupted> {
+        self.exit.request(reason);
+        Ok(Flow::Stop)
+    }
+
+    fn run_once(&mut self) -> Result<Flow, Interrupted> {
+        let exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Err(Interrupted),
+            Err(e) => {
+                let msg = format!("vCPU {}: KVM_RUN failed: {e}", self.id);
+                return self.stop(ExitReason::Fatal(msg));
+            }
+        };
+        match exit {
+            VcpuExit::IoIn(port, data) => {
+                self.io_bus.read(u64::from(port), data);
+            }
+            VcpuExit::IoOut(port, data) => {
+                self.io_bus.write(u64::from(port), data);
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                self.mmio_bus.read(addr, data);
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                self.mmio_bus.write(addr, data);
+            }
+            VcpuExit::Hlt => {}
+            VcpuExit::Shutdown => return self.stop(ExitReason::TripleFault { vcpu: self.id }),
+            VcpuExit::SystemEvent(kind, _) => {
+                return match kind {
+                    KVM_SYSTEM_EVENT_RESET => self.stop(ExitReason::Reset),
+                    KVM_SYSTEM_EVENT_SHUTDOWN => self.stop(ExitReason::Poweroff),
+                    other => self.stop(ExitReason::Fatal(format!(
+                        "vCPU {}: unexpected system event {other}",
+                        self.id
+                    ))),
+                };
+            }
+            VcpuExit::InternalError => return self.handle_internal_error(),
+            VcpuExit::FailEntry(reason, cpu) => {
+                let msg = format!(
+                    "vCPU {}: VM entry failed (hardware reason {reason:#x} on host CPU {cpu})",
+                    self.id
+                );
+                return self.stop(ExitReason::Fatal(msg));
+            }
+            other => {
+                let msg = format!("vCPU {}: unexpected exit {other:?}", self.id);
+                return self.stop(ExitReason::Fatal(msg));
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn fatal_with_state(&self, what: &str) -> Result<Flow, Interrupted> {
+        let state = match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(regs), Ok(sregs)) => emulate::format_regs(&regs, &sregs),
+            _ => "registers unavailable".to_string(),
+        };
+        self.stop(ExitReason::Fatal(format!("vCPU {}: {what}; {state}", self.id)))
+    }
+
+    /// Handles `KVM_EXIT_INTERNAL_ERROR`: emulation failures go to the user-space
+    /// fallback; everything else stops the VM with the registers printed.
+    fn handle_internal_error(&mut self) -> Result<Flow, Interrupted> {
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active
+        // member of the exit union.
+        let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        if suberror != KVM_INTERNAL_ERROR_EMULATION {
+            return self.fatal_with_state(&format!("KVM internal error, suberror {suberror}"));
+        }
+        let (mut regs, sregs) = match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => (r, s),
+            (Err(e), _) | (_, Err(e)) => {
+                return self.stop(ExitReason::Fatal(format!("vCPU {}: cannot read registers: {e}", self.id)))
+            }
+        };
+        let code = self.fetch_code(&regs, &sregs);
+        let mut access = VcpuAccess { fd: &self.fd, memory: &self.memory };
+        match emulate::handle_emulation_failure(&code, &mut regs, &sregs, &mut access) {
+            Ok(Fallback::Emulated(kind)) => {
+                self.stats.record(kind);
+                if let Err(e) = self.fd.set_regs(&regs) {
+                    return self.stop(ExitReason::Fatal(format!("vCPU {}: KVM_SET_REGS: {e}", self.id)));
+                }
+            }
+            Ok(Fallback::InjectException { vector, error_code, kind }) => {
+                self.stats.record(kind);
+                if let Err(e) = self.inject_exception(&regs, vector, error_code) {
+                    return self.stop(ExitReason::Fatal(format!(
+                        "vCPU {}: cannot inject exception {vector}: {e}",
+                        self.id
+                    )));
+                }
+            }
+            Err(e) => {
+                let what = format!("emulation failure the VMM cannot handle: {e} [{}]", emulate::describe(&code, regs.rip));
+                return self.fatal_with_state(&what);
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn inject_exception(&self, regs: &kvm_regs, vector: u8, error_code: Option<u32>) -> Result<(), kvm_ioctls::Error> {
+        // SET_REGS clears pending exceptions, so it must come before SET_VCPU_EVENTS.
+        self.fd.set_regs(regs)?;
+        let mut events = self.fd.get_vcpu_events()?;
+        events.exception.injected = 1;
+        events.exception.pending = 0;
+        events.exception.nr = vector;
+        events.exception.has_error_code = u8::from(error_code.is_some());
+        events.exception.error_code = error_code.unwrap_or(0);
+        events.exception_has_payload = 0;
+        self.fd.set_vcpu_events(&events)
+    }
+
+    /// Reads up to 15 instruction bytes at CS:RIP through the guest's page tables,
+    /// stopping at the first page that does not translate.
+    fn fetch_code(&self, regs: &kvm_regs, sregs: &kvm_sregs) -> Vec<u8> {
+        let mut access = VcpuAccess { fd: &self.fd, memory: &self.memory };
+        let start = sregs.cs.base.wrapping_add(regs.rip);
+        let mut code = Vec::with_capacity(MAX_INSN_LEN);
+        let mut addr = start;
+        while code.len() < MAX_INSN_LEN {
+            let in_page = (0x1000 - (addr & 0xfff)) as usize;
+            let n = in_page.min(MAX_INSN_LEN - code.len());
+            let mut buf = vec![0u8; n];
+            if access.read_gva(addr, &mut buf).is_err() {
+                break;
+            }
+            code.extend_from_slice(&buf);
+            addr = addr.wrapping_add(n as u64);
+        }
+        code
+    }
+}
+
+/// Marker for `KVM_RUN` returning EINTR/EAGAIN.
+struct Interrupted;
+
+/// Guest-virtual memory and MXCSR access for the emulation fallback, through
+/// `KVM_TRANSLATE` on the faulting vCPU (whose CR3 is the one the instruction uses).
+struct VcpuAccess<'a> {
+    fd: &'a VcpuFd,
+    memory: &'a GuestMemoryMmap,
+}
+
+impl VcpuAccess<'_> {
+    fn translate(&self, gva: u64) -> Result<u64, EmulateError> {
+        let t = self
+            .fd
+            .translate_gva(gva)
+            .map_err(|e| EmulateError::Memory(format!("KVM_TRANSLATE {gva:#x}: {e}")))?;
+        if t.valid == 0 {
+            return Err(EmulateError::Memory(format!("guest address {gva:#x} is not mapped")));
+        }
+        Ok(t.physical_address)
+    }
+
+    fn for_each_page(&self, gva: u64, len: usize, mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), EmulateError>) -> Result<(), EmulateError> {
+        let mut done = 0usize;
+        while done < len {
+            let va = gva.wrapping_add(done as u64);
+            let n = ((0x1000 - (va & 0xfff)) as usize).min(len - done);
+            let pa = self.translate(va)?;
+            f(GuestAddress(pa), done..done + n)?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+impl GuestCpuAccess for VcpuAccess<'_> {
+    fn read_gva(&mut self, gva: u64, buf: &mut [u8]) -> Result<(), EmulateError> {
+        let len = buf.len();
+        let memory = self.memory;
+        self.for_each_page(gva, len, |pa, range| {
+            memory
+                .read_slice(&mut buf[range], pa)
+                .map_err(|e| EmulateError::Memory(format!("read {pa:?}: {e}")))
+        })
+    }
+
+    fn write_gva(&mut self, gva: u64, data: &[u8]) -> Result<(), EmulateError> {
+        let memory = self.memory;
+        self.for_each_page(gva, data.len(), |pa, range| {
+            memory
+                .write_slice(&data[range], pa)
+                .map_err(|e| EmulateError::Memory(format!("write {pa:?}: {e}")))
+        })
+    }
+
+    fn mxcsr(&mut self) -> Result<u32, EmulateError> {
+        self.fd
+            .get_fpu()
+            .map(|f| f.mxcsr)
+            .map_err(|e| EmulateError::Memory(format!("KVM_GET_FPU: {e}")))
+    }
+
+    fn set_mxcsr(&mut self, value: u32) -> Result<(), EmulateError> {
+        let mut fpu = self
+            .fd
+            .get_fpu()
+            .map_err(|e| EmulateError::Memory(format!("KVM_GET_FPU: {e}")))?;
+        fpu.mxcsr = value;
+        self.fd
+            .set_fpu(&fpu)
+            .map_err(|e| EmulateError::Memory(format!("KVM_SET_FPU: {e}")))
+    }
+}
