@@ -2,7 +2,7 @@
 //! guests and (in later work) live-patches their kernels from the host.
 
 pub mod arch;
-// pub mod builder; (enabled once acpi/emulate/virtio land)
+pub mod builder;
 pub mod config;
 pub mod console;
 pub mod devices;

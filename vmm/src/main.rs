@@ -1,1 +1,117 @@
-fn main() {}
+//! The `vmm` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use vmm::arch::x86_64::cpu_template::CpuTemplate;
+use vmm::config::{BootSource, ConsoleConfig, VmConfig};
+
+#[derive(Parser)]
+#[command(name = "vmm", version, about = "A VMM that boots unmodified Linux guests and live-patches their kernels from the host")]
+struct Cli {
+    /// Log filter for diagnostics on stderr (e.g. info, debug, vmm=trace).
+    #[arg(long, global = true, env = "VMM_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a guest from a disk image (or a kernel and initrd) with a serial console on stdio.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Disk image whose filesystem holds /boot/vmlinuz-* and /boot/initrd.img-*; also the root disk.
+    image: Option<PathBuf>,
+    /// Boot this kernel (bzImage) directly instead of the one inside IMAGE.
+    #[arg(long, conflicts_with = "image")]
+    kernel: Option<PathBuf>,
+    /// Initrd for --kernel.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Root disk for --kernel (attached as virtio-blk, /dev/vda).
+    #[arg(long, requires = "kernel")]
+    disk: Option<PathBuf>,
+    /// Attach the disk read-only.
+    #[arg(long)]
+    readonly: bool,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 2)]
+    cpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    memory: u64,
+    /// Replace the default kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Append to the kernel command line (repeatable).
+    #[arg(long)]
+    append: Vec<String>,
+    /// CPU template: which CPU features the guest sees and the guest options that go with them.
+    #[arg(long, value_enum, default_value_t = CpuTemplate::Conservative)]
+    cpu_template: CpuTemplate,
+    /// Serial console back end: stdio, file:PATH or none.
+    #[arg(long, default_value = "stdio")]
+    console: ConsoleConfig,
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn run(args: RunArgs) -> Result<i32, String> {
+    let (cpus, memory_mib) = VmConfig::validate(args.cpus, args.memory).map_err(|e| e.to_string())?;
+    let (boot, disk) = match (args.image, args.kernel) {
+        (Some(image), None) => (BootSource::Image(image.clone()), Some(image)),
+        (None, Some(kernel)) => (
+            BootSource::Direct {
+                kernel,
+                initrd: args.initrd,
+            },
+            args.disk,
+        ),
+        _ => return Err("give a disk image (vmm run guest.img) or --kernel".into()),
+    };
+    let cfg = VmConfig {
+        boot,
+        disk,
+        disk_readonly: args.readonly,
+        cpus,
+        memory_mib,
+        cmdline: args.cmdline,
+        append: args.append,
+        cpu_template: args.cpu_template,
+        console: args.console,
+    };
+    let vm = vmm::builder::build_and_start(&cfg).map_err(|e| e.to_string())?;
+    let reason = vm.run_until_exit();
+    if let Some(msg) = reason.message() {
+        eprintln!("vmm: {msg}");
+    }
+    Ok(reason.exit_code())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+    };
+    match result {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,5 +1,5 @@
 //! KVM objects: the VM, its vCPUs, and why the VM stopped.
 
 pub mod exit;
-// pub mod vcpu;
+pub mod vcpu;
 pub mod vm;

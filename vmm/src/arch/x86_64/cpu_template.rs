@@ -108,7 +108,9 @@ const CONSERVATIVE_MASKS: &[Mask] = &[
 /// Guest kernel options of the conservative template, and why each is there:
 /// - `noxsave`: the emulator cannot run xsave/xrstor, and CPUID masking alone does not stop the kernel;
 /// - `nofsgsbase`, `clearcpuid=...`: make the kernel drop features whose CPUID bits leak from the host
-///   before it patches its alternatives (SIMD crypto/RAID code, popcnt in hweight, rdpid/rdtscp, smap's clac/stac);
+///   before it patches its alternatives (SIMD crypto/RAID code, popcnt in hweight, rdpid/rdtscp, smap's clac/stac).
+///   The AVX family needs no entry: it depends on xsave, which `noxsave` removes. The kernel copies the
+///   value into a 128-byte buffer (`cpu_parse_early_param`), so the list must stay short;
 /// - `initcall_blacklist=ftrace_check_for_weak_functions`: a boot-time ftrace self-check doing tens of
 ///   thousands of emulated kallsyms lookups (minutes under emulation; it only hides tracing of
 ///   overridden weak functions);
@@ -117,7 +119,7 @@ const CONSERVATIVE_MASKS: &[Mask] = &[
 const CONSERVATIVE_GUEST_OPTIONS: &[&str] = &[
     "noxsave",
     "nofsgsbase",
-    "clearcpuid=pclmulqdq,aes,ssse3,sse4_1,sse4_2,avx,avx2,fma,f16c,sha_ni,movbe,popcnt,rdseed,rdrand,adx,bmi1,bmi2,clflushopt,clwb,rdpid,rdtscp,smap,avx512f",
+    "clearcpuid=popcnt,smap,rdtscp,rdpid,sse4_2,sse4_1,ssse3,aes,pclmulqdq,sha_ni,movbe,rdrand,rdseed,adx,bmi1,bmi2,clflushopt,clwb",
     "initcall_blacklist=ftrace_check_for_weak_functions",
     "nosoftlockup",
     "tsc=reliable",
@@ -234,6 +236,19 @@ mod tests {
         assert_eq!(e[4].edx & (1 << 27), 0, "rdtscp");
         assert_eq!(e[5].edx, 1, "x2apic id");
         assert!(CpuTemplate::Conservative.guest_options().contains(&"noxsave"));
+    }
+
+    #[test]
+    fn clearcpuid_fits_the_kernels_buffer() {
+        // arch/x86/kernel/cpu/common.c reads the value into `char arg[128]`: longer lists are cut.
+        let value = CONSERVATIVE_GUEST_OPTIONS
+            .iter()
+            .find_map(|o| o.strip_prefix("clearcpuid="))
+            .unwrap();
+        assert!(value.len() < 128, "clearcpuid value is {} bytes", value.len());
+        for must in ["popcnt", "smap", "rdtscp", "rdpid", "sse4_2"] {
+            assert!(value.split(',').any(|f| f == must), "{must} missing");
+        }
     }
 
     #[test]
