@@ -134,3 +134,22 @@ fn kvm_not_permitted() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("/dev/kvm"), "{stderr}");
 }
+
+#[test]
+fn kvm_missing() {
+    // A private mount namespace whose /dev is an empty tmpfs: /dev/kvm does not exist there.
+    let kernel = guest_artifact("vmlinuz");
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {} run --kernel {} --console none",
+        vmm_binary().display(),
+        kernel.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("unshare (util-linux) is needed");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("/dev/kvm does not exist"), "{stderr}");
+}

@@ -127,7 +127,7 @@ pub fn build_and_start(cfg: &VmConfig) -> Result<RunningVm, BuildError> {
         return Err(boot::BootError::MemoryTooSmall {
             given_mib: cfg.memory_mib,
             needed_mib: needed.div_ceil(1 << 20),
-            initrd: if initrd_len > 0 { " and initrd" } else { "" },
+            what: if initrd_len > 0 { "this kernel and its initrd need" } else { "this kernel needs" },
         }
         .into());
     }

@@ -34,11 +34,11 @@ pub enum BootError {
         path: String,
         source: linux_loader::loader::Error,
     },
-    #[error("memory too small: {given_mib} MiB given, this kernel{initrd} needs at least {needed_mib} MiB")]
+    #[error("memory too small: {given_mib} MiB given, {what} at least {needed_mib} MiB")]
     MemoryTooSmall {
         given_mib: u64,
         needed_mib: u64,
-        initrd: &'static str,
+        what: &'static str,
     },
     #[error("kernel command line is {len} bytes; the limit is {max}")]
     CmdlineTooLong { len: usize, max: usize },
@@ -102,7 +102,7 @@ pub fn load_bzimage(
         return Err(BootError::MemoryTooSmall {
             given_mib: mem_size >> 20,
             needed_mib: needed.div_ceil(1 << 20),
-            initrd: if initrd_len > 0 { " and initrd" } else { "" },
+            what: if initrd_len > 0 { "this kernel and its initrd need" } else { "this kernel needs" },
         });
     }
     let mut cursor = std::io::Cursor::new(image);

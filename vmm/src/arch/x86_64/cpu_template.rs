@@ -114,7 +114,8 @@ const CONSERVATIVE_MASKS: &[Mask] = &[
 /// - `initcall_blacklist=ftrace_check_for_weak_functions`: a boot-time ftrace self-check doing tens of
 ///   thousands of emulated kallsyms lookups (minutes under emulation; it only hides tracing of
 ///   overridden weak functions);
-/// - `nosoftlockup`: emulated kernel code is slow enough to trip the soft-lockup watchdog spuriously;
+/// - `nosoftlockup`, `rcupdate.rcu_cpu_stall_suppress=1`: emulated kernel code is slow enough to trip
+///   the soft-lockup and RCU stall detectors spuriously (long initcalls run for minutes);
 /// - `tsc=reliable`: skip the clocksource watchdog, which misjudges an emulated TSC.
 const CONSERVATIVE_GUEST_OPTIONS: &[&str] = &[
     "noxsave",
@@ -122,6 +123,7 @@ const CONSERVATIVE_GUEST_OPTIONS: &[&str] = &[
     "clearcpuid=popcnt,smap,rdtscp,rdpid,sse4_2,sse4_1,ssse3,aes,pclmulqdq,sha_ni,movbe,rdrand,rdseed,adx,bmi1,bmi2,clflushopt,clwb",
     "initcall_blacklist=ftrace_check_for_weak_functions",
     "nosoftlockup",
+    "rcupdate.rcu_cpu_stall_suppress=1",
     "tsc=reliable",
 ];
 
