@@ -315,7 +315,7 @@ pub fn build_and_start(cfg: &VmConfig) -> Result<RunningVm, BuildError> {
         cfg.cpus,
         if cfg.cpus == 1 { "" } else { "s" },
         cfg.memory_mib,
-        cfg.cpu_template.name()
+        cfg.cpu_template.resolve().name()
     ));
     tracing::info!("kernel command line: {cmdline}");
 

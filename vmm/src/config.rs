@@ -135,6 +135,7 @@ mod tests {
         c.cpu_template = CpuTemplate::Conservative;
         let line = c.kernel_cmdline();
         assert!(line.starts_with("console=ttyS0 noxsave"), "{line}");
+        assert!(!line.contains("nosoftlockup"), "{line}");
         assert!(line.ends_with(" quiet"));
         assert!(!line.contains("root="));
     }

@@ -52,7 +52,7 @@ struct RunArgs {
     #[arg(long)]
     append: Vec<String>,
     /// CPU template: which CPU features the guest sees and the guest options that go with them.
-    #[arg(long, value_enum, default_value_t = CpuTemplate::Conservative)]
+    #[arg(long, value_enum, default_value_t = CpuTemplate::Auto)]
     cpu_template: CpuTemplate,
     /// Serial console back end: stdio, file:PATH or none.
     #[arg(long, default_value = "stdio")]

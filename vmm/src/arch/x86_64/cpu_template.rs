@@ -14,12 +14,20 @@ use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 /// A named set of CPUID masks plus the guest options it needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
 pub enum CpuTemplate {
-    /// Hide features the PVM emulator cannot execute; boots here and on real hardware.
+    /// `pvm` when the host's KVM is PVM (guest kernel code emulated), else `conservative`.
     #[default]
+    Auto,
+    /// `conservative` plus guest options that trim boot work which takes minutes when guest
+    /// kernel code is emulated, and silence watchdogs that misfire there.
+    Pvm,
+    /// Hide features an instruction emulator cannot execute; safe on any host.
     Conservative,
-    /// Pass through everything KVM supports; for hardware-assisted KVM only.
+    /// Pass through everything KVM supports; for hardware-assisted KVM.
     Host,
 }
+
+/// Where a loaded `kvm_pvm` module shows up.
+const PVM_MODULE: &str = "/sys/module/kvm_pvm";
 
 /// One feature bit to clear: (leaf, subleaf or None for any, register, bit, name).
 struct Mask {
@@ -105,50 +113,78 @@ const CONSERVATIVE_MASKS: &[Mask] = &[
     m(0x8000_0001, Reg::Edx, 27),
 ];
 
-/// Guest kernel options of the conservative template, and why each is there:
+/// Guest kernel options of the conservative template (features), and why each is there:
 /// - `noxsave`: the emulator cannot run xsave/xrstor, and CPUID masking alone does not stop the kernel;
 /// - `nofsgsbase`, `clearcpuid=...`: make the kernel drop features whose CPUID bits leak from the host
 ///   before it patches its alternatives (SIMD crypto/RAID code, popcnt in hweight, rdpid/rdtscp, smap's clac/stac).
 ///   The AVX family needs no entry: it depends on xsave, which `noxsave` removes. The kernel copies the
 ///   value into a 128-byte buffer (`cpu_parse_early_param`), so the list must stay short;
-/// - `initcall_blacklist=ftrace_check_for_weak_functions`: a boot-time ftrace self-check doing tens of
-///   thousands of emulated kallsyms lookups (minutes under emulation; it only hides tracing of
-///   overridden weak functions);
-/// - `nosoftlockup`, `rcupdate.rcu_cpu_stall_suppress=1`: emulated kernel code is slow enough to trip
-///   the soft-lockup and RCU stall detectors spuriously (long initcalls run for minutes);
-/// - `tsc=reliable`: skip the clocksource watchdog, which misjudges an emulated TSC.
 const CONSERVATIVE_GUEST_OPTIONS: &[&str] = &[
     "noxsave",
     "nofsgsbase",
     "clearcpuid=popcnt,smap,rdtscp,rdpid,sse4_2,sse4_1,ssse3,aes,pclmulqdq,sha_ni,movbe,rdrand,rdseed,adx,bmi1,bmi2,clflushopt,clwb",
-    "initcall_blacklist=ftrace_check_for_weak_functions",
+];
+
+/// Extra guest options of the pvm template (speed on emulated-kernel hosts), and why:
+/// - `initcall_blacklist=`
+///   - `ftrace_check_for_weak_functions`: a boot-time ftrace check doing tens of thousands of
+///     kallsyms lookups (it only hides tracing of overridden weak functions);
+///   - `trace_eval_init`, `tracer_init_tracefs`: populating tracefs and rewriting enum names in
+///     every trace event format runs on a workqueue that boot waits for at late_initcall_sync;
+///     emulated, it takes many minutes. The guest then has no tracefs event files;
+/// - `nosoftlockup`, `rcupdate.rcu_cpu_stall_suppress=1`: emulated kernel code is slow enough to trip
+///   the soft-lockup and RCU stall detectors spuriously (single initcalls run for minutes);
+/// - `tsc=reliable`: skip the clocksource watchdog, which misjudges an emulated TSC.
+const PVM_GUEST_OPTIONS: &[&str] = &[
+    "initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init,tracer_init_tracefs",
     "nosoftlockup",
     "rcupdate.rcu_cpu_stall_suppress=1",
     "tsc=reliable",
 ];
 
 impl CpuTemplate {
+    /// Resolves `Auto` for this host; other templates are returned as they are.
+    pub fn resolve(self) -> Self {
+        self.resolve_with(std::path::Path::new(PVM_MODULE).exists())
+    }
+
+    fn resolve_with(self, host_is_pvm: bool) -> Self {
+        match self {
+            CpuTemplate::Auto if host_is_pvm => CpuTemplate::Pvm,
+            CpuTemplate::Auto => CpuTemplate::Conservative,
+            other => other,
+        }
+    }
+
     /// The template's name as accepted by `--cpu-template`.
     pub fn name(self) -> &'static str {
         match self {
+            CpuTemplate::Auto => "auto",
+            CpuTemplate::Pvm => "pvm",
             CpuTemplate::Conservative => "conservative",
             CpuTemplate::Host => "host",
         }
     }
 
-    /// Guest kernel command-line options this template needs.
-    pub fn guest_options(self) -> &'static [&'static str] {
-        match self {
-            CpuTemplate::Conservative => CONSERVATIVE_GUEST_OPTIONS,
-            CpuTemplate::Host => &[],
+    /// Guest kernel command-line options this template needs (`Auto` is resolved first).
+    pub fn guest_options(self) -> Vec<&'static str> {
+        match self.resolve() {
+            CpuTemplate::Pvm => [CONSERVATIVE_GUEST_OPTIONS, PVM_GUEST_OPTIONS].concat(),
+            CpuTemplate::Conservative => CONSERVATIVE_GUEST_OPTIONS.to_vec(),
+            CpuTemplate::Host | CpuTemplate::Auto => Vec::new(),
         }
+    }
+
+    fn masks_cpuid(self) -> bool {
+        matches!(self.resolve(), CpuTemplate::Pvm | CpuTemplate::Conservative)
     }
 
     /// Applies the template and the per-vCPU topology (APIC ids) to a CPUID table
     /// obtained from `KVM_GET_SUPPORTED_CPUID`.
     pub fn apply(self, cpuid: &mut CpuId, vcpu_id: u8, num_cpus: u8) {
+        let mask = self.masks_cpuid();
         for entry in cpuid.as_mut_slice() {
-            if self == CpuTemplate::Conservative {
+            if mask {
                 apply_masks(entry, CONSERVATIVE_MASKS);
             }
             set_topology(entry, vcpu_id, num_cpus);
@@ -251,6 +287,20 @@ mod tests {
         for must in ["popcnt", "smap", "rdtscp", "rdpid", "sse4_2"] {
             assert!(value.split(',').any(|f| f == must), "{must} missing");
         }
+    }
+
+    #[test]
+    fn auto_resolves_by_host_kind() {
+        assert_eq!(CpuTemplate::Auto.resolve_with(true), CpuTemplate::Pvm);
+        assert_eq!(CpuTemplate::Auto.resolve_with(false), CpuTemplate::Conservative);
+        assert_eq!(CpuTemplate::Host.resolve_with(true), CpuTemplate::Host);
+        let pvm = CpuTemplate::Pvm.guest_options();
+        assert!(pvm.contains(&"noxsave") && pvm.contains(&"nosoftlockup"));
+        let conservative = CpuTemplate::Conservative.guest_options();
+        assert!(conservative.contains(&"noxsave") && !conservative.contains(&"nosoftlockup"));
+        let mut cpuid = table();
+        CpuTemplate::Pvm.apply(&mut cpuid, 0, 1);
+        assert_eq!(cpuid.as_slice()[0].ecx & (1 << 13), 0, "pvm masks like conservative");
     }
 
     #[test]
