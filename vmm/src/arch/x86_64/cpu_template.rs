@@ -132,11 +132,15 @@ const CONSERVATIVE_GUEST_OPTIONS: &[&str] = &[
 ///   - `trace_eval_init`, `tracer_init_tracefs`: populating tracefs and rewriting enum names in
 ///     every trace event format runs on a workqueue that boot waits for at late_initcall_sync;
 ///     emulated, it takes many minutes. The guest then has no tracefs event files;
+/// - `cryptomgr.notests`: skip the crypto self-tests; algorithm registration waits for them, and the
+///   RSA test vectors' private-key operations take many minutes emulated (built-in X.509 certificate
+///   loading then times out with -110 on top);
 /// - `nosoftlockup`, `rcupdate.rcu_cpu_stall_suppress=1`: emulated kernel code is slow enough to trip
 ///   the soft-lockup and RCU stall detectors spuriously (single initcalls run for minutes);
 /// - `tsc=reliable`: skip the clocksource watchdog, which misjudges an emulated TSC.
 const PVM_GUEST_OPTIONS: &[&str] = &[
     "initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init,tracer_init_tracefs",
+    "cryptomgr.notests",
     "nosoftlockup",
     "rcupdate.rcu_cpu_stall_suppress=1",
     "tsc=reliable",
