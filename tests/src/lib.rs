@@ -23,16 +23,21 @@ pub fn vmm_binary() -> PathBuf {
             let root = workspace_root();
             let release = !cfg!(debug_assertions);
             let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-            cmd.current_dir(&root).args(["build", "-q", "-p", "vmm", "--bin", "vmm"]);
+            cmd.current_dir(&root)
+                .args(["build", "-q", "-p", "vmm", "--bin", "vmm"]);
             if release {
                 cmd.arg("--release");
             }
-            let status = cmd.status().expect("cannot run cargo to build the vmm binary");
+            let status = cmd
+                .status()
+                .expect("cannot run cargo to build the vmm binary");
             assert!(status.success(), "building the vmm binary failed");
             let target = std::env::var_os("CARGO_TARGET_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| root.join("target"));
-            target.join(if release { "release" } else { "debug" }).join("vmm")
+            target
+                .join(if release { "release" } else { "debug" })
+                .join("vmm")
         })
         .clone()
 }
@@ -50,7 +55,11 @@ pub fn guest_artifact(name: &str) -> PathBuf {
 
 /// Fails the test (never skips) when KVM is not usable here.
 pub fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         panic!("this integration test needs /dev/kvm (read-write): {e}");
     }
 }
@@ -181,7 +190,9 @@ impl Guest {
     /// that the command echo cannot produce).
     pub fn run(&mut self, command: &str, timeout: Duration) -> String {
         let id = self.consumed;
-        self.send_line(&format!("echo BEGIN-$(({id}+1)); {command}; echo END-$(({id}+2))"));
+        self.send_line(&format!(
+            "echo BEGIN-$(({id}+1)); {command}; echo END-$(({id}+2))"
+        ));
         self.wait_for(&format!("BEGIN-{}", id + 1), timeout);
         let text = self.wait_for(&format!("END-{}", id + 2), timeout);
         text.rsplit_once(&format!("END-{}", id + 2))
@@ -223,7 +234,9 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 fn tail_of(s: &str, n: usize) -> String {
     let start = s.len().saturating_sub(n);
-    let start = (start..s.len()).find(|&i| s.is_char_boundary(i)).unwrap_or(s.len());
+    let start = (start..s.len())
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(s.len());
     s[start..].to_string()
 }
 

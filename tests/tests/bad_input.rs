@@ -23,12 +23,22 @@ fn hash(path: &Path) -> Vec<u8> {
 /// "error:" that contains `expect`, and no panic.
 fn assert_rejected(args: &[&str], expect: &str) {
     let (status, stdout, stderr) = run_vmm(args, T);
-    assert!(!status.success(), "vmm {args:?} succeeded; stderr: {stderr}");
+    assert!(
+        !status.success(),
+        "vmm {args:?} succeeded; stderr: {stderr}"
+    );
     assert!(!stderr.contains("panicked"), "vmm panicked: {stderr}");
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one error line, got: {stderr:?} (stdout {stdout:?})");
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected one error line, got: {stderr:?} (stdout {stdout:?})"
+    );
     assert!(lines[0].starts_with("error: "), "{stderr}");
-    assert!(lines[0].contains(expect), "expected {expect:?} in {stderr:?}");
+    assert!(
+        lines[0].contains(expect),
+        "expected {expect:?} in {stderr:?}"
+    );
 }
 
 fn mkfs(dir: &Path, image: &Path) {
@@ -105,7 +115,13 @@ fn kernel_that_is_not_a_bzimage() {
 fn memory_too_small_for_the_kernel() {
     let kernel = guest_artifact("vmlinuz");
     assert_rejected(
-        &["run", "--kernel", kernel.to_str().unwrap(), "--memory", "32"],
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "32",
+        ],
         "memory too small",
     );
 }
@@ -114,8 +130,14 @@ fn memory_too_small_for_the_kernel() {
 fn zero_and_too_many_cpus() {
     let img = guest_artifact("guest.img");
     let before = hash(&img);
-    assert_rejected(&["run", img.to_str().unwrap(), "--cpus", "0"], "--cpus must be between 1 and 254");
-    assert_rejected(&["run", img.to_str().unwrap(), "--cpus", "255"], "--cpus must be between 1 and 254");
+    assert_rejected(
+        &["run", img.to_str().unwrap(), "--cpus", "0"],
+        "--cpus must be between 1 and 254",
+    );
+    assert_rejected(
+        &["run", img.to_str().unwrap(), "--cpus", "255"],
+        "--cpus must be between 1 and 254",
+    );
     assert_eq!(before, hash(&img), "image modified");
 }
 
@@ -126,7 +148,13 @@ fn kvm_not_permitted() {
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(vmm_binary())
-        .args(["run", "--kernel", kernel.to_str().unwrap(), "--console", "none"])
+        .args([
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--console",
+            "none",
+        ])
         .output()
         .expect("setpriv (util-linux) is needed");
     let stderr = String::from_utf8_lossy(&out.stderr);

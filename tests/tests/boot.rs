@@ -15,7 +15,14 @@ fn boots_debian_cloud_kernel_from_image_with_two_vcpus() {
     std::fs::copy(&image, &copy).unwrap();
 
     let started = Instant::now();
-    let mut guest = Guest::start(&["run", copy.to_str().unwrap(), "--cpus", "2", "--memory", "512"]);
+    let mut guest = Guest::start(&[
+        "run",
+        copy.to_str().unwrap(),
+        "--cpus",
+        "2",
+        "--memory",
+        "512",
+    ]);
     guest.wait_for("VMM-GUEST-READY", boot_timeout());
     eprintln!("guest ready after {:?}", started.elapsed());
     let step = Duration::from_secs(15 * 60);
@@ -25,7 +32,11 @@ fn boots_debian_cloud_kernel_from_image_with_two_vcpus() {
     assert!(cmdline.contains("root=/dev/vda"), "cmdline: {cmdline}");
 
     let nproc = guest.run("nproc", step);
-    assert_eq!(nproc.lines().last().map(str::trim), Some("2"), "nproc printed: {nproc}");
+    assert_eq!(
+        nproc.lines().last().map(str::trim),
+        Some("2"),
+        "nproc printed: {nproc}"
+    );
 
     let mounts = guest.run("grep ' / ' /proc/mounts", step);
     assert!(
@@ -35,6 +46,10 @@ fn boots_debian_cloud_kernel_from_image_with_two_vcpus() {
 
     guest.send_line("poweroff -f");
     let status = guest.wait_exit(step);
-    assert!(status.success(), "vmm exit status after guest poweroff: {status}; stderr: {}", guest.stderr());
+    assert!(
+        status.success(),
+        "vmm exit status after guest poweroff: {status}; stderr: {}",
+        guest.stderr()
+    );
     let _ = std::fs::remove_file(&copy);
 }

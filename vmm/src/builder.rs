@@ -32,7 +32,10 @@ pub enum BuildError {
     #[error(transparent)]
     Image(#[from] guest_image::GuestImageError),
     #[error("cannot read {path}: {source}")]
-    ReadFile { path: String, source: std::io::Error },
+    ReadFile {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Boot(#[from] boot::BootError),
     #[error(transparent)]
@@ -44,13 +47,22 @@ pub enum BuildError {
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
     #[error("cannot open disk {path}: {source}")]
-    Disk { path: String, source: std::io::Error },
+    Disk {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("virtio device: {0}")]
-    Virtio(String),
+    Virtio(#[from] virtio::VirtioError),
     #[error("{what}: {source}")]
-    Kvm { what: String, source: kvm_ioctls::Error },
+    Kvm {
+        what: String,
+        source: kvm_ioctls::Error,
+    },
     #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("event loop: {0}")]
     EventLoop(String),
     #[error("this host supports at most {max} vCPUs, {asked} requested")]
@@ -127,7 +139,11 @@ pub fn build_and_start(cfg: &VmConfig) -> Result<RunningVm, BuildError> {
         return Err(boot::BootError::MemoryTooSmall {
             given_mib: cfg.memory_mib,
             needed_mib: needed.div_ceil(1 << 20),
-            what: if initrd_len > 0 { "this kernel and its initrd need" } else { "this kernel needs" },
+            what: if initrd_len > 0 {
+                "this kernel and its initrd need"
+            } else {
+                "this kernel needs"
+            },
         }
         .into());
     }
@@ -148,7 +164,10 @@ pub fn build_and_start(cfg: &VmConfig) -> Result<RunningVm, BuildError> {
     let kvm = vm::open_kvm()?;
     let max_vcpus = kvm.get_max_vcpus();
     if usize::from(cfg.cpus) > max_vcpus {
-        return Err(BuildError::TooManyCpus { asked: cfg.cpus, max: max_vcpus });
+        return Err(BuildError::TooManyCpus {
+            asked: cfg.cpus,
+            max: max_vcpus,
+        });
     }
     let memory = vm::allocate_memory(&boot::ram_regions(mem_size))?;
     let vm = Vm::new(&kvm, memory)?;
@@ -159,7 +178,10 @@ pub fn build_and_start(cfg: &VmConfig) -> Result<RunningVm, BuildError> {
     let initrd = match &files.initrd {
         Some(data) => {
             let kernel_end = HIMEM_START + files.kernel.len() as u64;
-            Some((boot::load_initrd(mem, mem_size, &kernel.header, data, kernel_end)?, data.len()))
+            Some((
+                boot::load_initrd(mem, mem_size, &kernel.header, data, kernel_end)?,
+                data.len(),
+            ))
         }
         None => None,
     };
@@ -219,8 +241,7 @@ pub fn build_and_start(cfg: &VmConfig) -> Result<RunningVm, BuildError> {
             cfg.disk_readonly,
             base,
             irq,
-        )
-        .map_err(BuildError::Virtio)?;
+        )?;
         virtio_acpi.push(VirtioMmioAcpi {
             base,
             len: VIRTIO_MMIO_SLOT_SIZE,
@@ -263,17 +284,24 @@ pub fn build_and_start(cfg: &VmConfig) -> Result<RunningVm, BuildError> {
             .map_err(kvm_err(format!("cannot create vCPU {id}")))?;
         let mut cpuid = supported.clone();
         cfg.cpu_template.apply(&mut cpuid, id, cfg.cpus);
-        fd.set_cpuid2(&cpuid).map_err(kvm_err(format!("vCPU {id}: KVM_SET_CPUID2")))?;
+        fd.set_cpuid2(&cpuid)
+            .map_err(kvm_err(format!("vCPU {id}: KVM_SET_CPUID2")))?;
         let msrs = regs::boot_msrs()?;
-        fd.set_msrs(&msrs).map_err(kvm_err(format!("vCPU {id}: KVM_SET_MSRS")))?;
-        let mut lapic = fd.get_lapic().map_err(kvm_err(format!("vCPU {id}: KVM_GET_LAPIC")))?;
+        fd.set_msrs(&msrs)
+            .map_err(kvm_err(format!("vCPU {id}: KVM_SET_MSRS")))?;
+        let mut lapic = fd
+            .get_lapic()
+            .map_err(kvm_err(format!("vCPU {id}: KVM_GET_LAPIC")))?;
         regs::configure_lint(&mut lapic);
-        fd.set_lapic(&lapic).map_err(kvm_err(format!("vCPU {id}: KVM_SET_LAPIC")))?;
+        fd.set_lapic(&lapic)
+            .map_err(kvm_err(format!("vCPU {id}: KVM_SET_LAPIC")))?;
         if id == 0 {
             let mut sregs = fd.get_sregs().map_err(kvm_err("vCPU 0: KVM_GET_SREGS"))?;
             regs::setup_long_mode(mem, &mut sregs)?;
-            fd.set_sregs(&sregs).map_err(kvm_err("vCPU 0: KVM_SET_SREGS"))?;
-            fd.set_fpu(&regs::boot_fpu()).map_err(kvm_err("vCPU 0: KVM_SET_FPU"))?;
+            fd.set_sregs(&sregs)
+                .map_err(kvm_err("vCPU 0: KVM_SET_SREGS"))?;
+            fd.set_fpu(&regs::boot_fpu())
+                .map_err(kvm_err("vCPU 0: KVM_SET_FPU"))?;
             fd.set_regs(&regs::boot_regs(kernel.entry))
                 .map_err(kvm_err("vCPU 0: KVM_SET_REGS"))?;
         }
@@ -289,7 +317,8 @@ pub fn build_and_start(cfg: &VmConfig) -> Result<RunningVm, BuildError> {
     }
 
     // Event loop subscribers: exit, stop signals, console input.
-    let stop_evt = signals::install_stop_handlers().map_err(io_err("cannot install signal handlers"))?;
+    let stop_evt =
+        signals::install_stop_handlers().map_err(io_err("cannot install signal handlers"))?;
     event_manager.add_subscriber(Arc::new(Mutex::new(StopWatcher {
         stop_evt,
         exit: exit.clone(),
@@ -377,10 +406,10 @@ impl MutEventSubscriber for StopWatcher {
         use std::os::unix::io::AsRawFd;
         if events.fd() == self.stop_evt.as_raw_fd() {
             let _ = self.stop_evt.read();
-            self.exit.request(ExitReason::Signal(signals::last_signal()));
+            self.exit
+                .request(ExitReason::Signal(signals::last_signal()));
         } else {
             let _ = self.exit.eventfd().read();
         }
     }
 }
-

@@ -21,7 +21,10 @@ pub enum BootSource {
     /// A disk image whose filesystem holds `/boot/vmlinuz-*` and `/boot/initrd.img-*`; it is also the root disk.
     Image(PathBuf),
     /// Kernel and optional initrd given directly.
-    Direct { kernel: PathBuf, initrd: Option<PathBuf> },
+    Direct {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+    },
 }
 
 /// The serial console's back end.
@@ -43,7 +46,9 @@ impl std::str::FromStr for ConsoleConfig {
             "none" => Ok(ConsoleConfig::None),
             _ => match s.strip_prefix("file:") {
                 Some(path) if !path.is_empty() => Ok(ConsoleConfig::File(path.into())),
-                _ => Err(format!("invalid console '{s}': expected stdio, none or file:PATH")),
+                _ => Err(format!(
+                    "invalid console '{s}': expected stdio, none or file:PATH"
+                )),
             },
         }
     }
@@ -97,11 +102,19 @@ impl VmConfig {
             None => {
                 parts.push(DEFAULT_CMDLINE.to_string());
                 if self.disk.is_some() {
-                    parts.push(format!("root=/dev/vda {}", if self.disk_readonly { "ro" } else { "rw" }));
+                    parts.push(format!(
+                        "root=/dev/vda {}",
+                        if self.disk_readonly { "ro" } else { "rw" }
+                    ));
                 }
             }
         }
-        parts.extend(self.cpu_template.guest_options().iter().map(|s| s.to_string()));
+        parts.extend(
+            self.cpu_template
+                .guest_options()
+                .iter()
+                .map(|s| s.to_string()),
+        );
         parts.extend(self.append.iter().cloned());
         parts.retain(|p| !p.trim().is_empty());
         parts.join(" ")
@@ -129,7 +142,10 @@ mod tests {
     #[test]
     fn cmdline_composition() {
         let c = cfg();
-        assert_eq!(c.kernel_cmdline(), format!("{DEFAULT_CMDLINE} root=/dev/vda rw quiet"));
+        assert_eq!(
+            c.kernel_cmdline(),
+            format!("{DEFAULT_CMDLINE} root=/dev/vda rw quiet")
+        );
         let mut c = cfg();
         c.cmdline = Some("console=ttyS0".into());
         c.cpu_template = CpuTemplate::Conservative;
@@ -145,16 +161,24 @@ mod tests {
         assert_eq!(VmConfig::validate(2, 512), Ok((2, 512)));
         assert_eq!(VmConfig::validate(0, 512), Err(ConfigError::Cpus(0)));
         assert_eq!(VmConfig::validate(255, 512), Err(ConfigError::Cpus(255)));
-        assert_eq!(VmConfig::validate(100000, 512), Err(ConfigError::Cpus(100000)));
+        assert_eq!(
+            VmConfig::validate(100000, 512),
+            Err(ConfigError::Cpus(100000))
+        );
         assert_eq!(VmConfig::validate(1, 4), Err(ConfigError::Memory(4)));
-        assert!(ConfigError::Cpus(0).to_string().contains("between 1 and 254"));
+        assert!(ConfigError::Cpus(0)
+            .to_string()
+            .contains("between 1 and 254"));
     }
 
     #[test]
     fn console_parsing() {
         assert_eq!("stdio".parse(), Ok(ConsoleConfig::Stdio));
         assert_eq!("none".parse(), Ok(ConsoleConfig::None));
-        assert_eq!("file:/tmp/x".parse(), Ok(ConsoleConfig::File("/tmp/x".into())));
+        assert_eq!(
+            "file:/tmp/x".parse(),
+            Ok(ConsoleConfig::File("/tmp/x".into()))
+        );
         assert!("file:".parse::<ConsoleConfig>().is_err());
         assert!("tty".parse::<ConsoleConfig>().is_err());
     }

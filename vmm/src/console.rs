@@ -22,7 +22,12 @@ pub fn output_sink(cfg: &ConsoleConfig) -> io::Result<Box<dyn Write + Send>> {
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot open console file {}: {e}", path.display())))?,
+                .map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("cannot open console file {}: {e}", path.display()),
+                    )
+                })?,
         ),
         ConsoleConfig::None => Box::new(io::sink()),
     })
@@ -143,7 +148,12 @@ impl MutEventSubscriber for ConsoleInput {
         let mut buf = [0u8; 256];
         let n = match io::stdin().lock().read(&mut buf) {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted || e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e)
+                if e.kind() == io::ErrorKind::Interrupted
+                    || e.kind() == io::ErrorKind::WouldBlock =>
+            {
+                return
+            }
             Err(_) => 0,
         };
         if n == 0 {

@@ -8,7 +8,11 @@ use vmm::arch::x86_64::cpu_template::CpuTemplate;
 use vmm::config::{BootSource, ConsoleConfig, VmConfig};
 
 #[derive(Parser)]
-#[command(name = "vmm", version, about = "A VMM that boots unmodified Linux guests and live-patches their kernels from the host")]
+#[command(
+    name = "vmm",
+    version,
+    about = "A VMM that boots unmodified Linux guests and live-patches their kernels from the host"
+)]
 struct Cli {
     /// Log filter for diagnostics on stderr (e.g. info, debug, vmm=trace).
     #[arg(long, global = true, env = "VMM_LOG", default_value = "warn")]
@@ -70,7 +74,8 @@ fn init_logging(filter: &str) {
 }
 
 fn run(args: RunArgs) -> Result<i32, String> {
-    let (cpus, memory_mib) = VmConfig::validate(args.cpus, args.memory).map_err(|e| e.to_string())?;
+    let (cpus, memory_mib) =
+        VmConfig::validate(args.cpus, args.memory).map_err(|e| e.to_string())?;
     let (boot, disk) = match (args.image, args.kernel) {
         (Some(image), None) => (BootSource::Image(image.clone()), Some(image)),
         (None, Some(kernel)) => (

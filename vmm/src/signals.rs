@@ -22,9 +22,13 @@ extern "C" fn on_stop_signal(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut 
 pub fn install_stop_handlers() -> std::io::Result<EventFd> {
     let evt = EventFd::new(EFD_NONBLOCK)?;
     let dup = evt.try_clone()?;
-    STOP_FD.store(std::os::unix::io::IntoRawFd::into_raw_fd(dup), Ordering::SeqCst);
+    STOP_FD.store(
+        std::os::unix::io::IntoRawFd::into_raw_fd(dup),
+        Ordering::SeqCst,
+    );
     for sig in [libc::SIGINT, libc::SIGTERM] {
-        register_signal_handler(sig, on_stop_signal).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        register_signal_handler(sig, on_stop_signal)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
     }
     Ok(evt)
 }

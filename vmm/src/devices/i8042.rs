@@ -142,7 +142,10 @@ mod tests {
 
     fn dev() -> (I8042, Arc<ExitSignal>) {
         let exit = Arc::new(ExitSignal::new().unwrap());
-        (I8042::new(EventFd::new(EFD_NONBLOCK).unwrap(), exit.clone()), exit)
+        (
+            I8042::new(EventFd::new(EFD_NONBLOCK).unwrap(), exit.clone()),
+            exit,
+        )
     }
 
     fn read(d: &mut I8042, off: u64) -> u8 {

@@ -65,7 +65,12 @@ impl ExitSignal {
     /// A reset that follows a console panic line is reported as the panic.
     pub fn request(&self, reason: ExitReason) {
         let reason = match reason {
-            ExitReason::Reset => match self.panic_line.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            ExitReason::Reset => match self
+                .panic_line
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+            {
                 Some(line) => ExitReason::GuestPanic(line),
                 None => ExitReason::Reset,
             },
@@ -89,7 +94,10 @@ impl ExitSignal {
 
     /// The recorded reason, if any.
     pub fn reason(&self) -> Option<ExitReason> {
-        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The eventfd to poll.

@@ -80,8 +80,9 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
 /// Installs the kick handler once per process.
 pub fn install_kick_handler() -> Result<(), VcpuError> {
     static ONCE: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
-    (*ONCE.get_or_init(|| register_signal_handler(kick_signal(), handle_kick).map_err(|e| e.errno())))
-        .map_err(|e| VcpuError::SignalHandler(vmm_sys_util::errno::Error::new(e)))
+    (*ONCE
+        .get_or_init(|| register_signal_handler(kick_signal(), handle_kick).map_err(|e| e.errno())))
+    .map_err(|e| VcpuError::SignalHandler(vmm_sys_util::errno::Error::new(e)))
 }
 
 /// A vCPU and what it needs to run.
@@ -106,7 +107,9 @@ pub struct VcpuHandle {
 impl VcpuHandle {
     /// Sends `event` and kicks the thread out of `KVM_RUN`.
     pub fn send(&self, event: VcpuEvent) -> Result<(), VcpuError> {
-        self.events.send(event).map_err(|_| VcpuError::Gone(self.id))?;
+        self.events
+            .send(event)
+            .map_err(|_| VcpuError::Gone(self.id))?;
         if let Some(thread) = &self.thread {
             thread
                 .kill(kick_signal())
@@ -125,7 +128,9 @@ impl VcpuHandle {
 
     /// Joins the thread (after `Finish`), giving up after `timeout`.
     pub fn join(mut self, timeout: Duration) {
-        let Some(thread) = self.thread.take() else { return };
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
         let deadline = std::time::Instant::now() + timeout;
         while !thread.is_finished() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));
@@ -153,7 +158,15 @@ impl Vcpu {
         exit: Arc<ExitSignal>,
         stats: Arc<FallbackStats>,
     ) -> Self {
-        Self { id, fd, io_bus, mmio_bus, memory, exit, stats }
+        Self {
+            id,
+            fd,
+            io_bus,
+            mmio_bus,
+            memory,
+            exit,
+            stats,
+        }
     }
 
     pub fn fd(&self) -> &VcpuFd {
@@ -177,7 +190,12 @@ impl Vcpu {
         })
     }
 
-    fn run(mut self, events: Receiver<VcpuEvent>, responses: Sender<VcpuResponse>, barrier: Arc<Barrier>) {
+    fn run(
+        mut self,
+        events: Receiver<VcpuEvent>,
+        responses: Sender<VcpuResponse>,
+        barrier: Arc<Barrier>,
+    ) {
         let run = self.fd.get_kvm_run();
         let ptr = std::ptr::addr_of_mut!(run.immediate_exit);
         IMMEDIATE_EXIT.with(|p| p.set(ptr));
@@ -204,7 +222,11 @@ impl Vcpu {
     }
 
     /// Processes queued control events; returns true when the thread must end.
-    fn handle_events(&mut self, events: &Receiver<VcpuEvent>, responses: &Sender<VcpuResponse>) -> bool {
+    fn handle_events(
+        &mut self,
+        events: &Receiver<VcpuEvent>,
+        responses: &Sender<VcpuResponse>,
+    ) -> bool {
         while let Ok(event) = events.try_recv() {
             match event {
                 VcpuEvent::Finish => return true,
@@ -235,7 +257,11 @@ impl Vcpu {
         false
     }
 
-    fn wait_for_finish(&mut self, events: &Receiver<VcpuEvent>, responses: &Sender<VcpuResponse>) -> bool {
+    fn wait_for_finish(
+        &mut self,
+        events: &Receiver<VcpuEvent>,
+        responses: &Sender<VcpuResponse>,
+    ) -> bool {
         loop {
             match events.recv() {
                 Ok(VcpuEvent::Finish) | Err(_) => return true,
@@ -257,7 +283,9 @@ impl Vcpu {
     fn run_once(&mut self) -> Result<Flow, Interrupted> {
         let exit = match self.fd.run() {
             Ok(exit) => exit,
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Err(Interrupted),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                return Err(Interrupted)
+            }
             Err(e) => {
                 let msg = format!("vCPU {}: KVM_RUN failed: {e}", self.id);
                 return self.stop(ExitReason::Fatal(msg));
@@ -309,7 +337,10 @@ impl Vcpu {
             (Ok(regs), Ok(sregs)) => emulate::format_regs(&regs, &sregs),
             _ => "registers unavailable".to_string(),
         };
-        self.stop(ExitReason::Fatal(format!("vCPU {}: {what}; {state}", self.id)))
+        self.stop(ExitReason::Fatal(format!(
+            "vCPU {}: {what}; {state}",
+            self.id
+        )))
     }
 
     /// Handles `KVM_EXIT_INTERNAL_ERROR`: emulation failures go to the user-space
@@ -324,19 +355,32 @@ impl Vcpu {
         let (mut regs, sregs) = match (self.fd.get_regs(), self.fd.get_sregs()) {
             (Ok(r), Ok(s)) => (r, s),
             (Err(e), _) | (_, Err(e)) => {
-                return self.stop(ExitReason::Fatal(format!("vCPU {}: cannot read registers: {e}", self.id)))
+                return self.stop(ExitReason::Fatal(format!(
+                    "vCPU {}: cannot read registers: {e}",
+                    self.id
+                )))
             }
         };
         let code = self.fetch_code(&regs, &sregs);
-        let mut access = VcpuAccess { fd: &self.fd, memory: &self.memory };
+        let mut access = VcpuAccess {
+            fd: &self.fd,
+            memory: &self.memory,
+        };
         match emulate::handle_emulation_failure(&code, &mut regs, &sregs, &mut access) {
             Ok(Fallback::Emulated(kind)) => {
                 self.stats.record(kind);
                 if let Err(e) = self.fd.set_regs(&regs) {
-                    return self.stop(ExitReason::Fatal(format!("vCPU {}: KVM_SET_REGS: {e}", self.id)));
+                    return self.stop(ExitReason::Fatal(format!(
+                        "vCPU {}: KVM_SET_REGS: {e}",
+                        self.id
+                    )));
                 }
             }
-            Ok(Fallback::InjectException { vector, error_code, kind }) => {
+            Ok(Fallback::InjectException {
+                vector,
+                error_code,
+                kind,
+            }) => {
                 self.stats.record(kind);
                 if let Err(e) = self.inject_exception(&regs, vector, error_code) {
                     return self.stop(ExitReason::Fatal(format!(
@@ -346,14 +390,22 @@ impl Vcpu {
                 }
             }
             Err(e) => {
-                let what = format!("emulation failure the VMM cannot handle: {e} [{}]", emulate::describe(&code, regs.rip));
+                let what = format!(
+                    "emulation failure the VMM cannot handle: {e} [{}]",
+                    emulate::describe(&code, regs.rip)
+                );
                 return self.fatal_with_state(&what);
             }
         }
         Ok(Flow::Continue)
     }
 
-    fn inject_exception(&self, regs: &kvm_regs, vector: u8, error_code: Option<u32>) -> Result<(), kvm_ioctls::Error> {
+    fn inject_exception(
+        &self,
+        regs: &kvm_regs,
+        vector: u8,
+        error_code: Option<u32>,
+    ) -> Result<(), kvm_ioctls::Error> {
         // SET_REGS clears pending exceptions, so it must come before SET_VCPU_EVENTS.
         self.fd.set_regs(regs)?;
         let mut events = self.fd.get_vcpu_events()?;
@@ -369,7 +421,10 @@ impl Vcpu {
     /// Reads up to 15 instruction bytes at CS:RIP through the guest's page tables,
     /// stopping at the first page that does not translate.
     fn fetch_code(&self, regs: &kvm_regs, sregs: &kvm_sregs) -> Vec<u8> {
-        let mut access = VcpuAccess { fd: &self.fd, memory: &self.memory };
+        let mut access = VcpuAccess {
+            fd: &self.fd,
+            memory: &self.memory,
+        };
         let start = sregs.cs.base.wrapping_add(regs.rip);
         let mut code = Vec::with_capacity(MAX_INSN_LEN);
         let mut addr = start;
@@ -404,12 +459,19 @@ impl VcpuAccess<'_> {
             .translate_gva(gva)
             .map_err(|e| EmulateError::Memory(format!("KVM_TRANSLATE {gva:#x}: {e}")))?;
         if t.valid == 0 {
-            return Err(EmulateError::Memory(format!("guest address {gva:#x} is not mapped")));
+            return Err(EmulateError::Memory(format!(
+                "guest address {gva:#x} is not mapped"
+            )));
         }
         Ok(t.physical_address)
     }
 
-    fn for_each_page(&self, gva: u64, len: usize, mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), EmulateError>) -> Result<(), EmulateError> {
+    fn for_each_page(
+        &self,
+        gva: u64,
+        len: usize,
+        mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), EmulateError>,
+    ) -> Result<(), EmulateError> {
         let mut done = 0usize;
         while done < len {
             let va = gva.wrapping_add(done as u64);
@@ -518,15 +580,22 @@ mod tests {
             0xf4,                                     // hlt
         ];
         mem.write_slice(code, GuestAddress(CODE)).unwrap();
-        mem.write_slice(&[0xb3, 0x33, 0x48, 0xcf], GuestAddress(HANDLER)).unwrap(); // mov bl,0x33; iretq
+        mem.write_slice(&[0xb3, 0x33, 0x48, 0xcf], GuestAddress(HANDLER))
+            .unwrap(); // mov bl,0x33; iretq
         mem.write_obj(0x7u64, GuestAddress(DATA)).unwrap();
         // 64-bit interrupt gate for vector 3: selector 0x10, present, DPL 0, type 0xe.
-        let gate_lo: u64 = (HANDLER & 0xffff) | (0x10 << 16) | (0x8e00u64 << 32) | ((HANDLER >> 16) & 0xffff) << 48;
+        let gate_lo: u64 = (HANDLER & 0xffff)
+            | (0x10 << 16)
+            | (0x8e00u64 << 32)
+            | ((HANDLER >> 16) & 0xffff) << 48;
         mem.write_obj(gate_lo, GuestAddress(IDT + 3 * 16)).unwrap();
-        mem.write_obj(HANDLER >> 32, GuestAddress(IDT + 3 * 16 + 8)).unwrap();
+        mem.write_obj(HANDLER >> 32, GuestAddress(IDT + 3 * 16 + 8))
+            .unwrap();
 
         let fd = vm.fd().create_vcpu(0).unwrap();
-        let mut cpuid = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
+        let mut cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .unwrap();
         CpuTemplate::Host.apply(&mut cpuid, 0, 1);
         fd.set_cpuid2(&cpuid).unwrap();
         let mut sregs = fd.get_sregs().unwrap();
@@ -543,10 +612,25 @@ mod tests {
         let writes = Arc::new(Mutex::new(Vec::new()));
         let mut io_bus = Bus::new();
         io_bus
-            .insert(Arc::new(Mutex::new(Probe { writes: writes.clone(), exit: exit.clone() })), 0x10, 4)
+            .insert(
+                Arc::new(Mutex::new(Probe {
+                    writes: writes.clone(),
+                    exit: exit.clone(),
+                })),
+                0x10,
+                4,
+            )
             .unwrap();
         let stats = Arc::new(FallbackStats::default());
-        let vcpu = Vcpu::new(0, fd, Arc::new(io_bus), Arc::new(Bus::new()), mem, exit.clone(), stats.clone());
+        let vcpu = Vcpu::new(
+            0,
+            fd,
+            Arc::new(io_bus),
+            Arc::new(Bus::new()),
+            mem,
+            exit.clone(),
+            stats.clone(),
+        );
         let barrier = Arc::new(Barrier::new(2));
         let handle = vcpu.start(barrier.clone()).unwrap();
         barrier.wait();
@@ -558,8 +642,15 @@ mod tests {
         handle.send(VcpuEvent::Finish).unwrap();
         handle.join(Duration::from_secs(2));
 
-        assert_eq!(exit.reason(), Some(ExitReason::Poweroff), "guest did not finish");
-        assert_eq!(*writes.lock().unwrap(), vec![(0, 8), (1, 0x33), (2, 3), (3, 3)]);
+        assert_eq!(
+            exit.reason(),
+            Some(ExitReason::Poweroff),
+            "guest did not finish"
+        );
+        assert_eq!(
+            *writes.lock().unwrap(),
+            vec![(0, 8), (1, 0x33), (2, 3), (3, 3)]
+        );
         if std::path::Path::new("/sys/module/kvm_pvm").exists() {
             // Under PVM the emulator cannot run these; the VMM did.
             assert!(stats.summary().contains("int3=1"), "{}", stats.summary());
@@ -581,18 +672,35 @@ mod tests {
         fd.set_regs(&regs::boot_regs(GuestAddress(CODE))).unwrap();
         install_kick_handler().unwrap();
         let exit = Arc::new(ExitSignal::new().unwrap());
-        let vcpu = Vcpu::new(0, fd, Arc::new(Bus::new()), Arc::new(Bus::new()), mem, exit.clone(), Arc::new(FallbackStats::default()));
+        let vcpu = Vcpu::new(
+            0,
+            fd,
+            Arc::new(Bus::new()),
+            Arc::new(Bus::new()),
+            mem,
+            exit.clone(),
+            Arc::new(FallbackStats::default()),
+        );
         let barrier = Arc::new(Barrier::new(2));
         let handle = vcpu.start(barrier.clone()).unwrap();
         barrier.wait();
         for _ in 0..20 {
             handle.send(VcpuEvent::Pause).unwrap();
-            assert_eq!(handle.wait(Duration::from_secs(10)).unwrap(), VcpuResponse::Paused);
+            assert_eq!(
+                handle.wait(Duration::from_secs(10)).unwrap(),
+                VcpuResponse::Paused
+            );
             handle.send(VcpuEvent::Resume).unwrap();
-            assert_eq!(handle.wait(Duration::from_secs(10)).unwrap(), VcpuResponse::Resumed);
+            assert_eq!(
+                handle.wait(Duration::from_secs(10)).unwrap(),
+                VcpuResponse::Resumed
+            );
         }
         handle.send(VcpuEvent::Finish).unwrap();
-        assert_eq!(handle.wait(Duration::from_secs(10)).unwrap(), VcpuResponse::Finished);
+        assert_eq!(
+            handle.wait(Duration::from_secs(10)).unwrap(),
+            VcpuResponse::Finished
+        );
         assert!(exit.reason().is_none(), "{:?}", exit.reason());
         handle.join(Duration::from_secs(2));
     }

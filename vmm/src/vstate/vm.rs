@@ -28,7 +28,10 @@ pub enum VmError {
     #[error("KVM_CREATE_PIT2 failed: {0}")]
     CreatePit(kvm_ioctls::Error),
     #[error("KVM_SET_USER_MEMORY_REGION failed for slot {slot}: {source}")]
-    SetMemory { slot: u32, source: kvm_ioctls::Error },
+    SetMemory {
+        slot: u32,
+        source: kvm_ioctls::Error,
+    },
     #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
     SupportedCpuid(kvm_ioctls::Error),
     #[error("cannot allocate {mib} MiB of guest memory: {detail}")]
@@ -103,7 +106,9 @@ impl Vm {
 }
 
 /// Allocates anonymous guest RAM for `regions`.
-pub fn allocate_memory(regions: &[(vm_memory::GuestAddress, usize)]) -> Result<GuestMemoryMmap, VmError> {
+pub fn allocate_memory(
+    regions: &[(vm_memory::GuestAddress, usize)],
+) -> Result<GuestMemoryMmap, VmError> {
     let mib = regions.iter().map(|r| r.1 as u64).sum::<u64>() >> 20;
     GuestMemoryMmap::from_ranges(regions).map_err(|e| VmError::GuestMemory {
         mib,

@@ -26,7 +26,11 @@ pub enum BootError {
     #[error("{0} is not a bzImage kernel (no \"HdrS\" boot header)")]
     NotBzImage(String),
     #[error("{path}: boot protocol {major}.{minor:02} is too old; a 64-bit bzImage (protocol 2.12 or newer) is required")]
-    OldProtocol { path: String, major: u16, minor: u16 },
+    OldProtocol {
+        path: String,
+        major: u16,
+        minor: u16,
+    },
     #[error("{0}: the kernel has no 64-bit entry point (XLF_KERNEL_64 not set)")]
     Not64Bit(String),
     #[error("cannot load kernel {path}: {source}")]
@@ -102,7 +106,11 @@ pub fn load_bzimage(
         return Err(BootError::MemoryTooSmall {
             given_mib: mem_size >> 20,
             needed_mib: needed.div_ceil(1 << 20),
-            what: if initrd_len > 0 { "this kernel and its initrd need" } else { "this kernel needs" },
+            what: if initrd_len > 0 {
+                "this kernel and its initrd need"
+            } else {
+                "this kernel needs"
+            },
         });
     }
     let mut cursor = std::io::Cursor::new(image);
@@ -242,10 +250,16 @@ mod tests {
     fn e820_small_guest() {
         let map = e820_map(512 << 20);
         assert_eq!(map.len(), 3);
-        assert_eq!((map[0].addr, map[0].size, map[0].r#type), (0, EBDA_START, E820_RAM));
+        assert_eq!(
+            (map[0].addr, map[0].size, map[0].r#type),
+            (0, EBDA_START, E820_RAM)
+        );
         assert_eq!({ map[1].r#type }, E820_RESERVED);
         assert!(map[1].addr <= ACPI_START && map[1].addr + map[1].size >= ACPI_END);
-        assert_eq!((map[2].addr, map[2].addr + map[2].size), (HIMEM_START, 512 << 20));
+        assert_eq!(
+            (map[2].addr, map[2].addr + map[2].size),
+            (HIMEM_START, 512 << 20)
+        );
     }
 
     #[test]
@@ -253,8 +267,15 @@ mod tests {
         let map = e820_map(6 << 30);
         assert_eq!(map.len(), 4);
         assert_eq!(map[2].addr + map[2].size, MMIO_HOLE_START);
-        assert_eq!((map[3].addr, map[3].size), (RAM_64BIT_START, (6 << 30) - MMIO_HOLE_START));
-        let total: u64 = map.iter().filter(|e| e.r#type == E820_RAM).map(|e| e.size).sum();
+        assert_eq!(
+            (map[3].addr, map[3].size),
+            (RAM_64BIT_START, (6 << 30) - MMIO_HOLE_START)
+        );
+        let total: u64 = map
+            .iter()
+            .filter(|e| e.r#type == E820_RAM)
+            .map(|e| e.size)
+            .sum();
         assert_eq!(total, (6 << 30) - (HIMEM_START - EBDA_START));
         let regions = ram_regions(6 << 30);
         assert_eq!(regions.len(), 2);
@@ -320,7 +341,8 @@ mod tests {
         assert_eq!({ params.acpi_rsdp_addr }, ACPI_START);
         assert_eq!(params.e820_entries, 3);
         let mut cmd = [0u8; 14];
-        mem.read_slice(&mut cmd, GuestAddress(CMDLINE_START)).unwrap();
+        mem.read_slice(&mut cmd, GuestAddress(CMDLINE_START))
+            .unwrap();
         assert_eq!(&cmd, b"console=ttyS0\0");
     }
 

@@ -225,7 +225,9 @@ fn set_topology(entry: &mut kvm_cpuid_entry2, vcpu_id: u8, num_cpus: u8) {
     match entry.function {
         1 => {
             // EBX[31:24] initial APIC id, EBX[23:16] logical processors per package.
-            entry.ebx = (entry.ebx & 0x0000_ffff) | (u32::from(vcpu_id) << 24) | (u32::from(num_cpus) << 16);
+            entry.ebx = (entry.ebx & 0x0000_ffff)
+                | (u32::from(vcpu_id) << 24)
+                | (u32::from(num_cpus) << 16);
             entry.ecx |= LEAF1_ECX_HYPERVISOR;
             if num_cpus > 1 {
                 entry.edx |= LEAF1_EDX_HTT;
@@ -253,8 +255,15 @@ mod tests {
     }
 
     fn table() -> CpuId {
-        CpuId::from_entries(&[entry(1, 0), entry(7, 0), entry(7, 1), entry(0xd, 0), entry(0x8000_0001, 0), entry(0xb, 0)])
-            .unwrap()
+        CpuId::from_entries(&[
+            entry(1, 0),
+            entry(7, 0),
+            entry(7, 1),
+            entry(0xd, 0),
+            entry(0x8000_0001, 0),
+            entry(0xb, 0),
+        ])
+        .unwrap()
     }
 
     #[test]
@@ -277,7 +286,9 @@ mod tests {
         assert_eq!((e[3].eax, e[3].ebx), (0, 0), "xsave leaf emptied");
         assert_eq!(e[4].edx & (1 << 27), 0, "rdtscp");
         assert_eq!(e[5].edx, 1, "x2apic id");
-        assert!(CpuTemplate::Conservative.guest_options().contains(&"noxsave"));
+        assert!(CpuTemplate::Conservative
+            .guest_options()
+            .contains(&"noxsave"));
     }
 
     #[test]
@@ -287,7 +298,11 @@ mod tests {
             .iter()
             .find_map(|o| o.strip_prefix("clearcpuid="))
             .unwrap();
-        assert!(value.len() < 128, "clearcpuid value is {} bytes", value.len());
+        assert!(
+            value.len() < 128,
+            "clearcpuid value is {} bytes",
+            value.len()
+        );
         for must in ["popcnt", "smap", "rdtscp", "rdpid", "sse4_2"] {
             assert!(value.split(',').any(|f| f == must), "{must} missing");
         }
@@ -296,7 +311,10 @@ mod tests {
     #[test]
     fn auto_resolves_by_host_kind() {
         assert_eq!(CpuTemplate::Auto.resolve_with(true), CpuTemplate::Pvm);
-        assert_eq!(CpuTemplate::Auto.resolve_with(false), CpuTemplate::Conservative);
+        assert_eq!(
+            CpuTemplate::Auto.resolve_with(false),
+            CpuTemplate::Conservative
+        );
         assert_eq!(CpuTemplate::Host.resolve_with(true), CpuTemplate::Host);
         let pvm = CpuTemplate::Pvm.guest_options();
         assert!(pvm.contains(&"noxsave") && pvm.contains(&"nosoftlockup"));
@@ -304,7 +322,11 @@ mod tests {
         assert!(conservative.contains(&"noxsave") && !conservative.contains(&"nosoftlockup"));
         let mut cpuid = table();
         CpuTemplate::Pvm.apply(&mut cpuid, 0, 1);
-        assert_eq!(cpuid.as_slice()[0].ecx & (1 << 13), 0, "pvm masks like conservative");
+        assert_eq!(
+            cpuid.as_slice()[0].ecx & (1 << 13),
+            0,
+            "pvm masks like conservative"
+        );
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Initial register state of the boot vCPU for the 64-bit Linux boot protocol:
 //! flat GDT, identity page tables for the low 4 GiB, long mode, boot MSRs and LAPIC LINT pins.
 
-use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
+use kvm_bindings::{
+    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::*;
@@ -41,7 +43,11 @@ pub fn segment_from_gdt(entry: u64, index: usize) -> kvm_segment {
     let base = (((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)) as u32;
     let raw_limit = ((entry & 0xffff) | ((entry >> 32) & 0x000f_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
-    let limit = if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit };
+    let limit = if g == 1 {
+        (raw_limit << 12) | 0xfff
+    } else {
+        raw_limit
+    };
     kvm_segment {
         base: u64::from(base),
         limit,
@@ -198,7 +204,10 @@ mod tests {
     fn gdt_entries_decode_to_flat_segments() {
         let gdt = boot_gdt();
         let cs = segment_from_gdt(gdt[GDT_CODE], GDT_CODE);
-        assert_eq!((cs.selector, cs.l, cs.db, cs.present, cs.s, cs.type_), (0x10, 1, 0, 1, 1, 0xb));
+        assert_eq!(
+            (cs.selector, cs.l, cs.db, cs.present, cs.s, cs.type_),
+            (0x10, 1, 0, 1, 1, 0xb)
+        );
         assert_eq!((cs.base, cs.limit, cs.g), (0, 0xffff_ffff, 1));
         let ds = segment_from_gdt(gdt[GDT_DATA], GDT_DATA);
         assert_eq!((ds.selector, ds.l, ds.db, ds.type_), (0x18, 0, 1, 0x3));
@@ -216,7 +225,9 @@ mod tests {
         assert_ne!(sregs.efer & EFER_LMA, 0);
         // Walk the tables for a few addresses.
         for addr in [0u64, 0x100_0000, 0x3fff_ffff, 0xc000_1234, 0xffff_ffff] {
-            let pml4e: u64 = mem.read_obj(GuestAddress(PML4_START + ((addr >> 39) & 0x1ff) * 8)).unwrap();
+            let pml4e: u64 = mem
+                .read_obj(GuestAddress(PML4_START + ((addr >> 39) & 0x1ff) * 8))
+                .unwrap();
             let pdpte: u64 = mem
                 .read_obj(GuestAddress((pml4e & !0xfff) + ((addr >> 30) & 0x1ff) * 8))
                 .unwrap();
@@ -224,7 +235,10 @@ mod tests {
                 .read_obj(GuestAddress((pdpte & !0xfff) + ((addr >> 21) & 0x1ff) * 8))
                 .unwrap();
             assert_eq!(pde & 0x81, 0x81, "2 MiB leaf present for {addr:#x}");
-            assert_eq!((pde & !0x1f_ffff & 0x000f_ffff_ffff_f000) | (addr & 0x1f_ffff), addr);
+            assert_eq!(
+                (pde & !0x1f_ffff & 0x000f_ffff_ffff_f000) | (addr & 0x1f_ffff),
+                addr
+            );
         }
     }
 
@@ -240,7 +254,10 @@ mod tests {
     #[test]
     fn boot_registers() {
         let regs = boot_regs(GuestAddress(0x10_0200));
-        assert_eq!((regs.rip, regs.rsi, regs.rflags), (0x10_0200, ZERO_PAGE_START, 2));
+        assert_eq!(
+            (regs.rip, regs.rsi, regs.rflags),
+            (0x10_0200, ZERO_PAGE_START, 2)
+        );
         assert_eq!(boot_msrs().unwrap().as_slice().len(), 10);
         assert_eq!(boot_fpu().mxcsr, 0x1f80);
     }

@@ -202,30 +202,6 @@ pub fn attach_block(
     read_only: bool,
     base: u64,
     gsi: u32,
-) -> Result<(), String> {
-    attach_block_inner(
-        vm,
-        mmio_bus,
-        event_manager,
-        file,
-        path,
-        read_only,
-        base,
-        gsi,
-    )
-    .map_err(|e| e.to_string())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn attach_block_inner(
-    vm: &Vm,
-    mmio_bus: &mut Bus,
-    event_manager: &mut SubscriberManager,
-    file: File,
-    path: &Path,
-    read_only: bool,
-    base: u64,
-    gsi: u32,
 ) -> Result<(), VirtioError> {
     let serial = block::serial_from_path(path);
     let blk = Arc::new(Mutex::new(block::Block::new(file, read_only, &serial)?));
