@@ -183,13 +183,21 @@ impl CpuTemplate {
         matches!(self.resolve(), CpuTemplate::Pvm | CpuTemplate::Conservative)
     }
 
+    fn masks_pv_wakeups(self) -> bool {
+        self.resolve() == CpuTemplate::Pvm
+    }
+
     /// Applies the template and the per-vCPU topology (APIC ids) to a CPUID table
     /// obtained from `KVM_GET_SUPPORTED_CPUID`.
     pub fn apply(self, cpuid: &mut CpuId, vcpu_id: u8, num_cpus: u8) {
         let mask = self.masks_cpuid();
+        let mask_pv = self.masks_pv_wakeups();
         for entry in cpuid.as_mut_slice() {
             if mask {
                 apply_masks(entry, CONSERVATIVE_MASKS);
+            }
+            if mask_pv && entry.function == KVM_CPUID_FEATURES {
+                entry.eax &= !PV_WAKEUP_FEATURES;
             }
             set_topology(entry, vcpu_id, num_cpus);
         }
@@ -217,6 +225,14 @@ fn apply_masks(entry: &mut kvm_cpuid_entry2, masks: &[Mask]) {
         entry.edx = 0;
     }
 }
+
+/// KVM's paravirtual feature leaf (`KVM_CPUID_FEATURES`).
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+/// Paravirtual features that replace cross-CPU wakeups with hypercalls: PV_UNHALT (7, PV
+/// spinlock kicks), PV_TLB_FLUSH (9), PV_SEND_IPI (11), PV_SCHED_YIELD (13). On PVM a 2-vCPU boot
+/// hung with one vCPU waiting in smp_call_function for an IPI the other never served; without
+/// these the guest sends plain x2APIC IPIs through the in-kernel LAPIC.
+const PV_WAKEUP_FEATURES: u32 = (1 << 7) | (1 << 9) | (1 << 11) | (1 << 13);
 
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
