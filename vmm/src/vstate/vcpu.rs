@@ -27,6 +27,11 @@ pub fn kick_signal() -> i32 {
 const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
 /// Longest x86 instruction.
 const MAX_INSN_LEN: usize = 15;
+/// How often an instruction re-read from guest memory may fail to decode to something the
+/// fallback handles before the VM is stopped. The guest may have rewritten the bytes between
+/// KVM's fetch and ours (text_poke writes an int3 first, then the new instruction), in which
+/// case simply re-entering the guest executes the new instruction.
+const MAX_STALE_CODE_RETRIES: u32 = 3;
 
 /// Messages to a vCPU thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +99,8 @@ pub struct Vcpu {
     memory: GuestMemoryMmap,
     exit: Arc<ExitSignal>,
     stats: Arc<FallbackStats>,
+    /// The last emulation failure we could not handle from re-read bytes, and how often in a row.
+    stale_code: Option<(u64, Vec<u8>, u32)>,
 }
 
 /// The VMM's handle on a running vCPU thread.
@@ -166,6 +173,7 @@ impl Vcpu {
             memory,
             exit,
             stats,
+            stale_code: None,
         }
     }
 
@@ -349,6 +357,7 @@ impl Vcpu {
         // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active
         // member of the exit union.
         let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        let kvm_code = self.emulation_failure_bytes();
         if suberror != KVM_INTERNAL_ERROR_EMULATION {
             return self.fatal_with_state(&format!("KVM internal error, suberror {suberror}"));
         }
@@ -361,12 +370,18 @@ impl Vcpu {
                 )))
             }
         };
-        let code = self.fetch_code(&regs, &sregs);
+        let from_kvm = kvm_code.is_some();
+        let code = kvm_code.unwrap_or_else(|| self.fetch_code(&regs, &sregs));
+        let rip = regs.rip;
         let mut access = VcpuAccess {
             fd: &self.fd,
             memory: &self.memory,
         };
-        match emulate::handle_emulation_failure(&code, &mut regs, &sregs, &mut access) {
+        let result = emulate::handle_emulation_failure(&code, &mut regs, &sregs, &mut access);
+        if result.is_ok() {
+            self.stale_code = None;
+        }
+        match result {
             Ok(Fallback::Emulated(kind)) => {
                 self.stats.record(kind);
                 if let Err(e) = self.fd.set_regs(&regs) {
@@ -389,6 +404,12 @@ impl Vcpu {
                     )));
                 }
             }
+            Err(e) if !from_kvm && self.retry_stale_code(rip, &code) => {
+                tracing::debug!(
+                    "vCPU {}: re-entering after {e}: the code may have changed under us",
+                    self.id
+                );
+            }
             Err(e) => {
                 let what = format!(
                     "emulation failure the VMM cannot handle: {e} [{}]",
@@ -398,6 +419,28 @@ impl Vcpu {
             }
         }
         Ok(Flow::Continue)
+    }
+
+    /// The instruction bytes KVM itself fetched, when it reports them with the failure.
+    fn emulation_failure_bytes(&mut self) -> Option<Vec<u8>> {
+        // SAFETY: called for KVM_EXIT_INTERNAL_ERROR with the emulation suberror, for which KVM
+        // fills the `emulation_failure` member; the flag says whether the bytes are valid.
+        let failure = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.emulation_failure };
+        if failure.flags
+            & u64::from(kvm_bindings::KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
+            == 0
+        {
+            return None;
+        }
+        // SAFETY: the union has a single member.
+        let bytes = unsafe { failure.__bindgen_anon_1.__bindgen_anon_1 };
+        let len = usize::from(bytes.insn_size).min(MAX_INSN_LEN);
+        (len > 0).then(|| bytes.insn_bytes[..len].to_vec())
+    }
+
+    /// Whether to re-enter the guest after failing to handle bytes we re-read ourselves.
+    fn retry_stale_code(&mut self, rip: u64, code: &[u8]) -> bool {
+        should_retry_stale_code(&mut self.stale_code, rip, code)
     }
 
     fn inject_exception(
@@ -440,6 +483,17 @@ impl Vcpu {
         }
         code
     }
+}
+
+/// Counts consecutive failures at the same RIP with the same bytes; allows
+/// `MAX_STALE_CODE_RETRIES` re-entries before giving up.
+fn should_retry_stale_code(state: &mut Option<(u64, Vec<u8>, u32)>, rip: u64, code: &[u8]) -> bool {
+    let repeats = match state {
+        Some((r, c, n)) if *r == rip && c == code => *n + 1,
+        _ => 1,
+    };
+    *state = Some((rip, code.to_vec(), repeats));
+    repeats <= MAX_STALE_CODE_RETRIES
 }
 
 /// Marker for `KVM_RUN` returning EINTR/EAGAIN.
@@ -656,6 +710,23 @@ mod tests {
             assert!(stats.summary().contains("int3=1"), "{}", stats.summary());
             assert!(stats.summary().contains("popcnt=2"), "{}", stats.summary());
         }
+    }
+
+    #[test]
+    fn stale_code_is_retried_a_bounded_number_of_times() {
+        let mut state = None;
+        // Bytes that changed under us (an int3 became a jmp): retried, then given up on.
+        for _ in 0..MAX_STALE_CODE_RETRIES {
+            assert!(should_retry_stale_code(&mut state, 0x1000, &[0xeb, 0x38]));
+        }
+        assert!(!should_retry_stale_code(&mut state, 0x1000, &[0xeb, 0x38]));
+        // A different RIP or different bytes start a new count.
+        assert!(should_retry_stale_code(&mut state, 0x2000, &[0xeb, 0x38]));
+        assert!(should_retry_stale_code(
+            &mut state,
+            0x2000,
+            &[0x0f, 0xc7, 0xf8]
+        ));
     }
 
     #[test]
