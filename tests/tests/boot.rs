@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use integration_tests::{boot_timeout, guest_artifact, require_kvm, Guest};
 
 #[test]
-#[ignore = "on this project's PVM hosts the kernel boots to /init but init's first syscall faults (issue #2, docs/pvm.md); run scripts/test-boot"]
+#[ignore = "on this project's PVM hosts guest user space cannot make system calls (`vmm host-check`, docs/pvm.md); run scripts/test-boot"]
 fn boots_debian_cloud_kernel_from_image_with_two_vcpus() {
     require_kvm();
     let image = guest_artifact("guest.img");

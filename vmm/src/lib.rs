@@ -7,5 +7,6 @@ pub mod config;
 pub mod console;
 pub mod devices;
 pub mod guest_image;
+pub mod host_check;
 pub mod signals;
 pub mod vstate;

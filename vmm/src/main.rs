@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use vmm::arch::x86_64::cpu_template::CpuTemplate;
 use vmm::config::{BootSource, ConsoleConfig, VmConfig};
+use vmm::host_check::{probe_user_syscall, UserSyscall};
 
 #[derive(Parser)]
 #[command(
@@ -25,6 +26,8 @@ struct Cli {
 enum Command {
     /// Boot a guest from a disk image (or a kernel and initrd) with a serial console on stdio.
     Run(RunArgs),
+    /// Check what this host's KVM can do for unmodified guests (exit 1 if something is missing).
+    HostCheck,
 }
 
 #[derive(Args)]
@@ -98,6 +101,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
         cpu_template: args.cpu_template,
         console: args.console,
     };
+    warn_about_host_limits();
     let vm = vmm::builder::build_and_start(&cfg).map_err(|e| e.to_string())?;
     let reason = vm.run_until_exit();
     if let Some(msg) = reason.message() {
@@ -106,11 +110,45 @@ fn run(args: RunArgs) -> Result<i32, String> {
     Ok(reason.exit_code())
 }
 
+/// One warning line when this host's KVM cannot run guest user space (see docs/pvm.md).
+fn warn_about_host_limits() {
+    let Ok(kvm) = vmm::vstate::vm::open_kvm() else {
+        return; // building the VM reports the real error
+    };
+    match probe_user_syscall(&kvm) {
+        Ok(UserSyscall::EntersKernel) => {}
+        Ok(other) => eprintln!("vmm: warning: {} (docs/pvm.md)", other.describe()),
+        Err(e) => tracing::warn!("host check failed: {e}"),
+    }
+}
+
+fn host_check() -> Result<i32, String> {
+    let kvm = vmm::vstate::vm::open_kvm().map_err(|e| e.to_string())?;
+    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    println!("kvm: API version {}", kvm.get_api_version());
+    println!(
+        "kvm: {}",
+        if pvm {
+            "PVM (kvm_pvm module): guest kernel code is emulated, CPU template auto = pvm"
+        } else {
+            "hardware-assisted or other"
+        }
+    );
+    let outcome = probe_user_syscall(&kvm).map_err(|e| e.to_string())?;
+    println!("guest: {}", outcome.describe());
+    Ok(if outcome == UserSyscall::EntersKernel {
+        0
+    } else {
+        1
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::HostCheck => host_check(),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
