@@ -8,5 +8,6 @@ pub mod console;
 pub mod devices;
 pub mod guest_image;
 pub mod host_check;
+pub mod persist;
 pub mod signals;
 pub mod vstate;
