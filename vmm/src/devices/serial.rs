@@ -131,6 +131,74 @@ impl SerialDevice {
     }
 }
 
+/// The UART registers and receive FIFO, plus host input not yet in the FIFO.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub fifo: Vec<u8>,
+    pub pending_input: Vec<u8>,
+}
+
+/// A serial snapshot that does not fit a 16550A.
+#[derive(Debug, thiserror::Error)]
+#[error("serial snapshot does not fit the UART: {0}")]
+pub struct SerialSnapshotError(String);
+
+impl SerialDevice {
+    /// The device state for a snapshot.
+    pub fn save_state(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            fifo: s.in_buffer,
+            pending_input: self.pending_input.iter().copied().collect(),
+        }
+    }
+
+    /// A device in the state `snap` describes, wired to new host-side ends.
+    pub fn restore(
+        irq: EventFd,
+        rx_ready: Arc<EventFd>,
+        out: ConsoleOut,
+        snap: &SerialSnapshot,
+    ) -> Result<Self, SerialSnapshotError> {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: snap.baud_divisor_low,
+            baud_divisor_high: snap.baud_divisor_high,
+            interrupt_enable: snap.interrupt_enable,
+            interrupt_identification: snap.interrupt_identification,
+            line_control: snap.line_control,
+            line_status: snap.line_status,
+            modem_control: snap.modem_control,
+            modem_status: snap.modem_status,
+            scratch: snap.scratch,
+            in_buffer: snap.fifo.clone(),
+        };
+        let uart = Serial::from_state(&state, IrqTrigger(irq), RxReady(rx_ready), out)
+            .map_err(|e| SerialSnapshotError(format!("{e:?}")))?;
+        Ok(Self {
+            uart,
+            pending_input: snap.pending_input.iter().copied().collect(),
+        })
+    }
+}
+
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if data.len() == 1 && offset < 8 {
@@ -193,6 +261,47 @@ mod tests {
                 "Kernel panic - not syncing: Attempted to kill init!".into()
             ))
         );
+    }
+
+    #[test]
+    fn snapshot_keeps_registers_fifo_and_pending_input() {
+        let (mut dev, _, _, _) = device();
+        dev.write(3, &[0x03]); // LCR: 8N1
+        dev.write(7, &[0x5a]); // scratch
+        dev.write(1, &[0x01]); // IER: receive interrupts
+        dev.queue_input(&[b'x'; 100]);
+        let snap = dev.save_state();
+        assert_eq!(snap.fifo.len(), 64);
+        assert_eq!(snap.pending_input.len(), 36);
+
+        let (_, out, exit, rx) = device();
+        let mut restored = SerialDevice::restore(
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            rx,
+            ConsoleOut::new(Box::new(out), exit),
+            &snap,
+        )
+        .unwrap();
+        assert_eq!(restored.save_state(), snap);
+        let mut b = [0u8];
+        restored.read(7, &mut b);
+        assert_eq!(b[0], 0x5a);
+        restored.read(0, &mut b);
+        assert_eq!(b[0], b'x');
+
+        let mut bad = snap.clone();
+        bad.fifo = vec![0; 65];
+        let (_, out, exit, rx) = device();
+        let err = SerialDevice::restore(
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            rx,
+            ConsoleOut::new(Box::new(out), exit),
+            &bad,
+        )
+        .err()
+        .expect("an over-full FIFO is refused")
+        .to_string();
+        assert!(err.contains("serial snapshot"), "{err}");
     }
 
     #[test]

@@ -539,6 +539,13 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
+    fn active_queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .as_ref()
+            .map(|a| vec![a.queue.state()])
+            .unwrap_or_default()
+    }
+
     fn reset(&mut self) {
         // Registered eventfds stay registered (and open) so the event loop never sees a
         // closed fd; notifications on them are drained and ignored while inactive.

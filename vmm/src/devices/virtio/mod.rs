@@ -16,6 +16,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod persist;
 
 use std::fs::File;
 use std::io;
@@ -155,6 +156,9 @@ pub trait VirtioDevice: Send {
     /// Device reset (the driver wrote 0 to Status): drop the queues and return to the
     /// pre-activation state.
     fn reset(&mut self);
+    /// The queues the device is working on since activation (ring positions included);
+    /// empty when it is not active. Used by snapshots.
+    fn active_queue_states(&self) -> Vec<virtio_queue::QueueState>;
 }
 
 /// The event manager type the VMM runs its devices on.
