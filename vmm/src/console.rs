@@ -70,7 +70,8 @@ impl Drop for RawTerminal {
     }
 }
 
-/// Ctrl-A then `x` quits the VMM from a raw terminal (as in QEMU).
+/// Ctrl-A then `x` quits the VMM from a raw terminal, Ctrl-A then `b` sends a break
+/// (the guest's magic SysRq prefix), Ctrl-A Ctrl-A sends one Ctrl-A (as in QEMU).
 const ESCAPE: u8 = 0x01;
 
 /// Feeds stdin into the UART and re-fills its FIFO when the guest drains it.
@@ -110,6 +111,13 @@ impl ConsoleInput {
                 self.escape_pending = false;
                 match b {
                     b'x' | b'X' => (self.quit)(),
+                    b'b' | b'B' => {
+                        if !out.is_empty() {
+                            self.serial().queue_input(&out);
+                            out.clear();
+                        }
+                        self.serial().send_break();
+                    }
                     ESCAPE => out.push(ESCAPE),
                     other => out.extend_from_slice(&[ESCAPE, other]),
                 }

@@ -87,17 +87,55 @@ impl Write for ConsoleOut {
     }
 }
 
+/// UART register offsets and bits the break emulation needs.
+const IIR_OFFSET: u64 = 2;
+const LSR_OFFSET: u64 = 5;
+/// IIR: receiver line status interrupt, FIFOs enabled (16550A).
+const IIR_LINE_STATUS_FIFO: u8 = 0xc6;
+/// LSR: break interrupt.
+const LSR_BREAK: u8 = 0x10;
+
+/// Where a break condition sent to the guest stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Break {
+    None,
+    /// Raised; the guest has not read IIR yet.
+    Raised,
+    /// IIR reported a line-status interrupt; the next LSR read reports the break.
+    Reported,
+}
+
 /// The UART as seen from the bus, plus pending host input.
 pub struct SerialDevice {
     uart: Serial<IrqTrigger, RxReady, ConsoleOut>,
     pending_input: VecDeque<u8>,
+    /// A second handle on the interrupt line, for line-status (break) interrupts, which
+    /// the vm-superio UART does not model.
+    irq: Option<EventFd>,
+    brk: Break,
 }
 
 impl SerialDevice {
     pub fn new(irq: EventFd, rx_ready: Arc<EventFd>, out: ConsoleOut) -> Self {
+        let line = irq.try_clone().ok();
         Self {
             uart: Serial::with_events(IrqTrigger(irq), RxReady(rx_ready), out),
             pending_input: VecDeque::new(),
+            irq: line,
+            brk: Break::None,
+        }
+    }
+
+    /// Sends a break condition, as a terminal's BREAK key does. Linux's serial console
+    /// treats the next character (within 5 s) as a magic SysRq key. Host input queued
+    /// after the break reaches the guest only once the guest has seen the break, so the
+    /// SysRq key is not swallowed with it.
+    pub fn send_break(&mut self) {
+        self.brk = Break::Raised;
+        if let Some(irq) = &self.irq {
+            if let Err(e) = irq.write(1) {
+                tracing::warn!("serial: cannot raise the break interrupt: {e}");
+            }
         }
     }
 
@@ -109,6 +147,9 @@ impl SerialDevice {
 
     /// Moves pending input into the FIFO (called when the guest drained it).
     pub fn pump_input(&mut self) {
+        if self.brk != Break::None {
+            return;
+        }
         while !self.pending_input.is_empty() {
             let room = self.uart.fifo_capacity();
             if room == 0 {
@@ -190,11 +231,14 @@ impl SerialDevice {
             scratch: snap.scratch,
             in_buffer: snap.fifo.clone(),
         };
+        let line = irq.try_clone().ok();
         let uart = Serial::from_state(&state, IrqTrigger(irq), RxReady(rx_ready), out)
             .map_err(|e| SerialSnapshotError(format!("{e:?}")))?;
         Ok(Self {
             uart,
             pending_input: snap.pending_input.iter().copied().collect(),
+            irq: line,
+            brk: Break::None,
         })
     }
 }
@@ -202,7 +246,19 @@ impl SerialDevice {
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if data.len() == 1 && offset < 8 {
-            data[0] = self.uart.read(offset as u8);
+            data[0] = match (offset, self.brk) {
+                (IIR_OFFSET, Break::Raised) => {
+                    self.brk = Break::Reported;
+                    IIR_LINE_STATUS_FIFO
+                }
+                (LSR_OFFSET, Break::Raised | Break::Reported) => {
+                    self.brk = Break::None;
+                    let lsr = self.uart.read(LSR_OFFSET as u8) | LSR_BREAK;
+                    self.pump_input();
+                    lsr
+                }
+                _ => self.uart.read(offset as u8),
+            };
         } else {
             data.fill(0xff);
         }
@@ -302,6 +358,31 @@ mod tests {
         .expect("an over-full FIFO is refused")
         .to_string();
         assert!(err.contains("serial snapshot"), "{err}");
+    }
+
+    #[test]
+    fn break_is_reported_once_and_input_waits_for_it() {
+        let (mut dev, _, _, _) = device();
+        dev.write(1, &[0x05]); // IER: receive data + line status interrupts
+        dev.send_break();
+        dev.queue_input(b"t");
+        let mut b = [0u8];
+        dev.read(5, &mut b);
+        assert_eq!(b[0] & 0x11, 0x10, "LSR: break, no data yet");
+        // The SysRq key follows the break.
+        dev.read(5, &mut b);
+        assert_eq!(b[0] & 0x11, 0x01, "LSR: data, break reported only once");
+        dev.read(0, &mut b);
+        assert_eq!(b[0], b't');
+
+        // Through the interrupt path: IIR says line status first.
+        dev.send_break();
+        dev.read(2, &mut b);
+        assert_eq!(b[0], 0xc6);
+        dev.read(5, &mut b);
+        assert_eq!(b[0] & 0x10, 0x10);
+        dev.read(5, &mut b);
+        assert_eq!(b[0] & 0x10, 0);
     }
 
     #[test]
