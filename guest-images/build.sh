@@ -45,7 +45,7 @@ rel() { local p="$1"; printf '%s' "${p#"$REPO_ROOT"/}"; }
 deb_name() { printf '%s_%s_amd64.deb' "$1" "${2//:/%3a}"; }
 
 KERNEL_DEB="$DEBS/$(deb_name "$KERNEL_PKG" "$KERNEL_VERSION")"
-CONFIG_KEY="kernel=$KERNEL_PKG=$KERNEL_VERSION abi=$KERNEL_ABI busybox=${BUSYBOX_VERSION:-any} rootfs_mib=$ROOTFS_SIZE_MIB hostname=$GUEST_HOSTNAME"
+CONFIG_KEY="kernel=$KERNEL_PKG=$KERNEL_VERSION abi=$KERNEL_ABI busybox=${BUSYBOX_VERSION:-any} rootfs_mib=$ROOTFS_SIZE_MIB hostname=$GUEST_HOSTNAME spin_init=1"
 OUTPUTS=("$OUT/vmlinuz" "$OUT/initrd.img" "$OUT/guest.img" "$OUT/guest-mbr.img" "$OUT/build-info.txt")
 
 # ---- up-to-date check (no tools, no network) ---------------------------------
@@ -96,6 +96,7 @@ ensure_tools() {
             zstd) pkg=zstd ;;
             gzip) pkg=gzip ;;
             apt-get) pkg=apt ;;
+            as|ld) pkg=binutils ;;
             *) die "no package known for tool $tool" ;;
         esac
         command -v "$tool" >/dev/null 2>&1 || need+=("$pkg")
@@ -155,8 +156,8 @@ mkdir -p "$CACHE" "$DEBS" "$OUT"
 : >"$APT_LOG"
 
 # ---- 1. host tools ---------------------------------------------------------------
-step 1 "checking host tools (dpkg-deb, tar, cpio, mkfs.ext4, sfdisk)"
-ensure_tools apt-get dpkg-deb tar cpio mkfs.ext4 sfdisk
+step 1 "checking host tools (dpkg-deb, tar, cpio, mkfs.ext4, sfdisk, as, ld)"
+ensure_tools apt-get dpkg-deb tar cpio mkfs.ext4 sfdisk as ld
 
 # ---- 2. download ---------------------------------------------------------------
 step 2 "downloading $KERNEL_PKG=$KERNEL_VERSION and $BUSYBOX_PKG"
@@ -312,6 +313,9 @@ echo "initramfs: FAILED: switch_root /newroot $init"
 while :; do setsid cttyhack sh; sleep 1; done
 EOF
 chmod 0755 "$IRD/init"
+# A syscall-free PID 1 for kernel-only guests (see spin-init.S).
+as --64 -o "$STAGE/spin-init.o" "$HERE/spin-init.S"
+ld -static -nostdlib -o "$IRD/spin-init" "$STAGE/spin-init.o"
 if [ "$(id -u)" = 0 ]; then
     mknod -m 0600 "$IRD/dev/console" c 5 1   # kernel's initial stdio
 fi
