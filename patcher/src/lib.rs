@@ -1,1 +1,6 @@
-//! Live patching of a guest kernel from the host. Work starts in issue #5.
+//! `patcher`: live-patch bundles (manifest + compiled code), their builder and checks.
+//! It reaches a VM only through a narrow trait that `vmm` implements (added with the
+//! linker and the redirection planner).
+
+pub mod bundle;
+pub mod manifest;

@@ -1,0 +1,219 @@
+//! The bundle manifest: what a patch replaces, for which kernel, and what it declares.
+
+use serde::{Deserialize, Serialize};
+
+/// Errors in a manifest.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ManifestError {
+    #[error("manifest does not parse: {0}")]
+    Parse(String),
+    #[error("manifest: {0}")]
+    Invalid(String),
+}
+
+/// One function replacement: calls to `old` run `new` instead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Replacement {
+    /// The guest kernel function to replace, as named in kallsyms.
+    pub old: String,
+    /// Position among kallsyms symbols of the same name (1-based, as kpatch's sympos);
+    /// required when the name is not unique.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sympos: Option<u32>,
+    /// The replacement function, defined in the bundle's object.
+    pub new: String,
+}
+
+/// A system state the patch introduces or understands (kernel livepatch "states").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    pub id: u64,
+    pub version: u32,
+}
+
+/// The kernel a bundle is built for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// `uname -r` of the guest kernel, e.g. `6.1.0-53-cloud-amd64`.
+    pub release: String,
+    /// The kernel's GNU build ID (hex). A bundle is refused by a kernel with another one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_id: Option<String>,
+}
+
+/// What a bundle declares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Patch name, unique among applied bundles (like a livepatch module name).
+    pub name: String,
+    /// Patch version; a cumulative bundle may only replace one of a lower or equal version.
+    #[serde(default = "one")]
+    pub version: u32,
+    pub target: Target,
+    /// Cumulative ("atomic replace") bundle: it replaces every bundle applied before it.
+    #[serde(default)]
+    pub replace: bool,
+    pub functions: Vec<Replacement>,
+    #[serde(default)]
+    pub states: Vec<State>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Longest symbol name accepted (the kernel's KSYM_NAME_LEN is 512).
+const MAX_NAME: usize = 512;
+/// Most functions one bundle may replace.
+pub const MAX_FUNCTIONS: usize = 4096;
+
+/// A kernel symbol name: C identifier characters plus the `.` of compiler suffixes
+/// (`.isra.0`, `.constprop.0`, `.cold`).
+fn valid_symbol(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && !name.starts_with(|c: char| c.is_ascii_digit() || c == '.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'$')
+}
+
+impl Manifest {
+    /// Parses and validates a JSON manifest.
+    pub fn from_json(text: &str) -> Result<Self, ManifestError> {
+        let m: Manifest =
+            serde_json::from_str(text).map_err(|e| ManifestError::Parse(e.to_string()))?;
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// Checks everything that does not need the kernel or the object.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let bad = |msg: String| Err(ManifestError::Invalid(msg));
+        if self.name.is_empty()
+            || self.name.len() > 64
+            || !self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return bad(format!(
+                "name {:?} must be 1-64 characters of letters, digits, '_' or '-'",
+                self.name
+            ));
+        }
+        if self.version == 0 {
+            return bad("version must be at least 1".into());
+        }
+        if self.target.release.is_empty() || self.target.release.len() > 64 {
+            return bad("target.release must be the guest's `uname -r`".into());
+        }
+        if let Some(id) = &self.target.build_id {
+            if id.is_empty()
+                || id.len() > 128
+                || id.len() % 2 != 0
+                || !id.bytes().all(|b| b.is_ascii_hexdigit())
+            {
+                return bad(format!("target.build_id {id:?} is not a hex build ID"));
+            }
+        }
+        if self.functions.is_empty() && !self.replace {
+            return bad("functions is empty (only a replace bundle may carry no functions)".into());
+        }
+        if self.functions.len() > MAX_FUNCTIONS {
+            return bad(format!("more than {MAX_FUNCTIONS} functions"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for f in &self.functions {
+            for (what, name) in [("old", &f.old), ("new", &f.new)] {
+                if !valid_symbol(name) {
+                    return bad(format!(
+                        "{what} function name {name:?} is not a symbol name"
+                    ));
+                }
+            }
+            if f.sympos == Some(0) {
+                return bad(format!("{}: sympos counts from 1", f.old));
+            }
+            if !seen.insert((f.old.as_str(), f.sympos.unwrap_or(1))) {
+                return bad(format!(
+                    "{}{} is replaced twice",
+                    f.old,
+                    f.sympos.map(|p| format!(",{p}")).unwrap_or_default()
+                ));
+            }
+        }
+        let mut ids = std::collections::HashSet::new();
+        for s in &self.states {
+            if !ids.insert(s.id) {
+                return bad(format!("state {} is declared twice", s.id));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{
+        "name": "cmdline-demo",
+        "version": 2,
+        "target": {"release": "6.1.0-53-cloud-amd64", "build_id": "00ff"},
+        "replace": true,
+        "functions": [{"old": "cmdline_proc_show", "new": "livepatch_cmdline_proc_show"},
+                      {"old": "show_val.isra.0", "sympos": 2, "new": "new_show_val"}],
+        "states": [{"id": 7, "version": 1}]
+    }"#;
+
+    #[test]
+    fn parses_a_complete_manifest() {
+        let m = Manifest::from_json(GOOD).unwrap();
+        assert_eq!(m.version, 2);
+        assert!(m.replace);
+        assert_eq!(m.functions[1].sympos, Some(2));
+        assert_eq!(m.states, vec![State { id: 7, version: 1 }]);
+        let round = Manifest::from_json(&serde_json::to_string(&m).unwrap()).unwrap();
+        assert_eq!(round, m);
+    }
+
+    #[test]
+    fn rejects_bad_manifests_with_a_reason() {
+        let cases = [
+            (GOOD.replace("cmdline-demo", "bad name"), "name"),
+            (GOOD.replace("\"version\": 2", "\"version\": 0"), "version"),
+            (GOOD.replace("00ff", "xyz"), "build_id"),
+            (GOOD.replace("\"sympos\": 2", "\"sympos\": 0"), "sympos"),
+            (
+                GOOD.replace("show_val.isra.0", "cmdline_proc_show")
+                    .replace("\"sympos\": 2, ", ""),
+                "replaced twice",
+            ),
+            (
+                GOOD.replace(
+                    "\"id\": 7, \"version\": 1}",
+                    "\"id\": 7, \"version\": 1}, {\"id\": 7, \"version\": 2}",
+                ),
+                "declared twice",
+            ),
+            (
+                GOOD.replace("livepatch_cmdline_proc_show", "1abc"),
+                "not a symbol",
+            ),
+            (
+                GOOD.replace("\"replace\": true", "\"replcae\": true"),
+                "unknown field",
+            ),
+            ("{".to_string(), "parse"),
+        ];
+        for (text, want) in cases {
+            let err = Manifest::from_json(&text).unwrap_err().to_string();
+            assert!(err.contains(want), "{err} should mention {want}");
+        }
+    }
+}
