@@ -4,3 +4,4 @@
 
 pub mod bundle;
 pub mod manifest;
+pub mod object_check;
