@@ -2,6 +2,7 @@
 //! It reaches a VM only through a narrow trait that `vmm` implements (added with the
 //! linker and the redirection planner).
 
+pub mod build;
 pub mod bundle;
 pub mod manifest;
 pub mod object_check;
