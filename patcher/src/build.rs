@@ -69,11 +69,15 @@ fn progress(msg: &str) {
     eprintln!("bundle: {msg}");
 }
 
-/// The release a kbuild tree was configured for.
+/// The release (`uname -r`) a kbuild tree builds for: `UTS_RELEASE` of
+/// `include/generated/utsrelease.h` (Debian's `include/config/kernel.release` holds the
+/// upstream version instead).
 fn headers_release(dir: &Path) -> Option<String> {
-    std::fs::read_to_string(dir.join("include/config/kernel.release"))
-        .ok()
-        .map(|s| s.trim().to_string())
+    let text = std::fs::read_to_string(dir.join("include/generated/utsrelease.h")).ok()?;
+    let rest = text.split("UTS_RELEASE").nth(1)?;
+    let start = rest.find('"')? + 1;
+    let len = rest[start..].find('"')?;
+    Some(rest[start..start + len].to_string())
 }
 
 fn locate_headers(req: &BuildRequest) -> Result<PathBuf, BuildError> {
@@ -244,8 +248,12 @@ mod tests {
     #[test]
     fn headers_for_another_release_are_refused() {
         let dir = std::env::temp_dir().join(format!("patcher-hdr-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("include/config")).unwrap();
-        std::fs::write(dir.join("include/config/kernel.release"), "6.1.0-1-amd64\n").unwrap();
+        std::fs::create_dir_all(dir.join("include/generated")).unwrap();
+        std::fs::write(
+            dir.join("include/generated/utsrelease.h"),
+            "#define UTS_RELEASE \"6.1.0-1-amd64\"\n",
+        )
+        .unwrap();
         let req = BuildRequest {
             manifest: Manifest::from_json(
                 r#"{"name":"x","target":{"release":"6.1.0-53-cloud-amd64"},"functions":[{"old":"a","new":"b"}]}"#,

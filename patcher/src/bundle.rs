@@ -152,6 +152,43 @@ impl Bundle {
     }
 }
 
+impl Bundle {
+    /// A human-readable description: the manifest and the functions the object defines.
+    pub fn describe(&self, encoded: &[u8]) -> String {
+        let m = &self.manifest;
+        let mut out = format!(
+            "name:      {}\nversion:   {}\ntarget:    {}{}\nreplace:   {}\nsha256:    {}\nobject:    {} bytes\n",
+            m.name,
+            m.version,
+            m.target.release,
+            m.target
+                .build_id
+                .as_ref()
+                .map(|b| format!(" (build ID {b})"))
+                .unwrap_or_default(),
+            m.replace,
+            Bundle::digest_hex(encoded),
+            self.object.len()
+        );
+        out.push_str("functions:\n");
+        for f in &m.functions {
+            out.push_str(&format!(
+                "  {}{} -> {}\n",
+                f.old,
+                f.sympos.map(|p| format!(",{p}")).unwrap_or_default(),
+                f.new
+            ));
+        }
+        if !m.states.is_empty() {
+            out.push_str("states:\n");
+            for s in &m.states {
+                out.push_str(&format!("  id {} version {}\n", s.id, s.version));
+            }
+        }
+        out
+    }
+}
+
 /// Fuzzing entry point: decoding arbitrary bytes never panics.
 pub fn fuzz_decode(bytes: &[u8]) {
     let _ = Bundle::decode(bytes);

@@ -28,6 +28,32 @@ enum Command {
     Run(RunArgs),
     /// Check what this host's KVM can do for unmodified guests (exit 1 if something is missing).
     HostCheck,
+    /// Build or inspect live-patch bundles.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+}
+
+#[derive(Subcommand)]
+enum BundleCommand {
+    /// Compile C sources against the guest kernel's headers (kbuild) into a bundle.
+    Build {
+        /// The bundle manifest (JSON; see docs/bundle-format.md).
+        manifest: PathBuf,
+        /// C sources and headers of the patch.
+        #[arg(required = true)]
+        sources: Vec<PathBuf>,
+        /// Output file.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Kernel headers tree (default /usr/src/linux-headers-<target release>).
+        #[arg(long)]
+        kernel_headers: Option<PathBuf>,
+        /// Do not install linux-headers-<release> with apt-get when it is missing.
+        #[arg(long)]
+        no_install: bool,
+    },
+    /// Print a bundle's manifest and functions after verifying it.
+    Inspect { bundle: PathBuf },
 }
 
 #[derive(Args)]
@@ -143,12 +169,56 @@ fn host_check() -> Result<i32, String> {
     })
 }
 
+fn bundle(cmd: BundleCommand) -> Result<i32, String> {
+    use patcher::bundle::Bundle;
+    let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    match cmd {
+        BundleCommand::Build {
+            manifest,
+            sources,
+            output,
+            kernel_headers,
+            no_install,
+        } => {
+            let text = String::from_utf8(read(&manifest)?)
+                .map_err(|_| format!("{}: not UTF-8", manifest.display()))?;
+            let manifest = patcher::manifest::Manifest::from_json(&text)
+                .map_err(|e| format!("{}: {e}", manifest.display()))?;
+            let bundle = patcher::build::build(&patcher::build::BuildRequest {
+                manifest,
+                sources,
+                kernel_headers,
+                install_headers: !no_install,
+                work_dir: None,
+            })
+            .map_err(|e| e.to_string())?;
+            let bytes = bundle.encode().map_err(|e| e.to_string())?;
+            let tmp = output.with_extension("tmp");
+            std::fs::write(&tmp, &bytes)
+                .and_then(|_| std::fs::rename(&tmp, &output))
+                .map_err(|e| format!("{}: {e}", output.display()))?;
+            println!("{}: {}", output.display(), Bundle::digest_hex(&bytes));
+            Ok(0)
+        }
+        BundleCommand::Inspect { bundle } => {
+            let bytes = read(&bundle)?;
+            let decoded =
+                Bundle::decode(&bytes).map_err(|e| format!("{}: {e}", bundle.display()))?;
+            patcher::object_check::check(&decoded.manifest, &decoded.object)
+                .map_err(|e| format!("{}: {e}", bundle.display()))?;
+            print!("{}", decoded.describe(&bytes));
+            Ok(0)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::HostCheck => host_check(),
+        Command::Bundle(cmd) => bundle(cmd),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
