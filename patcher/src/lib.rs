@@ -6,3 +6,4 @@ pub mod build;
 pub mod bundle;
 pub mod manifest;
 pub mod object_check;
+pub mod redirect;
