@@ -4,6 +4,7 @@
 
 pub mod build;
 pub mod bundle;
+pub mod ledger;
 pub mod manifest;
 pub mod object_check;
 pub mod redirect;

@@ -1,0 +1,657 @@
+//! The ledger: which bundles are applied, in what order, which function each patched
+//! site currently runs, and an ordered log of everything that happened. It plans
+//! transitions (the site writes and the code ranges a consistency check must clear) and
+//! records them once the VMM has carried them out. Semantics follow the kernel's
+//! livepatch: stacked patches, per-function stacks, atomic replace (cumulative bundles)
+//! and system-state compatibility.
+
+use std::collections::BTreeMap;
+
+use crate::manifest::{Manifest, State};
+use crate::redirect::{self, RedirectError, SiteWrite, SITE_LEN};
+
+/// Why a transition cannot be planned.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LedgerError {
+    #[error("bundle {0} is already applied")]
+    AlreadyApplied(String),
+    #[error("bundle {0} is not applied")]
+    NotApplied(String),
+    #[error("bundle {bundle} is not compatible with the applied bundles: state {id} {why}")]
+    IncompatibleState {
+        bundle: String,
+        id: u64,
+        why: &'static str,
+    },
+    #[error("{0}")]
+    Site(#[from] RedirectError),
+    #[error("bundle {bundle} replaces {func} twice")]
+    DuplicateSite { bundle: String, func: String },
+}
+
+/// A replacement resolved against the running kernel and the loaded patch code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedFunction {
+    pub old: String,
+    pub sympos: u32,
+    /// Entry (fentry site) and size of the old function.
+    pub site: u64,
+    pub size: u64,
+    /// Address and size of the new function in the patch area.
+    pub new_addr: u64,
+    pub new_size: u64,
+}
+
+/// Lifecycle of an applied bundle, as `/sys/kernel/livepatch` would show it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BundleStatus {
+    Enabled,
+    Disabled,
+    Replaced { by: String },
+}
+
+/// A bundle in the ledger.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BundleRecord {
+    pub name: String,
+    pub version: u32,
+    pub replace: bool,
+    pub digest: String,
+    pub states: Vec<(u64, u32)>,
+    pub functions: Vec<FunctionRecord>,
+    pub status: BundleStatus,
+    pub forced: bool,
+    /// Position in the stack of enabled bundles when applied (1-based).
+    pub stack_order: usize,
+}
+
+/// One function of a bundle.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FunctionRecord {
+    pub old: String,
+    pub sympos: u32,
+    pub site: u64,
+    pub size: u64,
+    pub new_addr: u64,
+    pub new_size: u64,
+}
+
+/// An entry of the event log.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Event {
+    pub seq: u64,
+    pub bundle: String,
+    pub what: String,
+}
+
+/// What a transition changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub bundle: String,
+    pub kind: TransitionKind,
+    /// Site writes, all done in one stop-the-world window.
+    pub writes: Vec<SiteWrite>,
+    /// Code no vCPU and no task stack may be inside while the writes happen:
+    /// `(start, end, name)`.
+    pub busy_ranges: Vec<(u64, u64, String)>,
+    /// Bundles that an atomic replace retires.
+    pub replaces: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransitionKind {
+    Apply,
+    Disable,
+}
+
+/// Per-site state: the original bytes and the stack of (bundle, new function).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Site {
+    func: String,
+    size: u64,
+    original: [u8; SITE_LEN],
+    stack: Vec<(String, u64, u64)>,
+}
+
+/// The ledger of one VM.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    bundles: Vec<BundleRecord>,
+    sites: BTreeMap<u64, Site>,
+    events: Vec<Event>,
+    next_seq: u64,
+}
+
+impl Ledger {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every bundle ever applied, in order.
+    pub fn bundles(&self) -> &[BundleRecord] {
+        &self.bundles
+    }
+
+    /// The event log.
+    pub fn events(&self) -> &[Event] {
+        &self.events
+    }
+
+    fn enabled(&self) -> impl Iterator<Item = &BundleRecord> {
+        self.bundles
+            .iter()
+            .filter(|b| b.status == BundleStatus::Enabled)
+    }
+
+    /// Appends to the event log.
+    pub fn log(&mut self, bundle: &str, what: impl Into<String>) {
+        self.next_seq += 1;
+        self.events.push(Event {
+            seq: self.next_seq,
+            bundle: bundle.to_string(),
+            what: what.into(),
+        });
+    }
+
+    /// The kernel's `klp_is_patch_compatible` over the enabled bundles.
+    fn check_states(&self, m: &Manifest) -> Result<(), LedgerError> {
+        for b in self.enabled() {
+            for &(id, version) in &b.states {
+                match m.states.iter().find(|s| s.id == id) {
+                    None if m.replace => return Err(LedgerError::IncompatibleState {
+                        bundle: m.name.clone(),
+                        id,
+                        why: "is set up by an applied bundle and a cumulative bundle must carry it",
+                    }),
+                    None => {}
+                    Some(State { version: v, .. }) if *v < version => {
+                        return Err(LedgerError::IncompatibleState {
+                            bundle: m.name.clone(),
+                            id,
+                            why: "has a lower version than in an applied bundle",
+                        })
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Plans applying a bundle whose functions are resolved; `current(site)` reads the
+    /// 5 bytes now at a site.
+    pub fn plan_apply(
+        &self,
+        manifest: &Manifest,
+        functions: &[ResolvedFunction],
+        mut current: impl FnMut(u64) -> [u8; SITE_LEN],
+    ) -> Result<Transition, LedgerError> {
+        if self
+            .bundles
+            .iter()
+            .any(|b| b.name == manifest.name && b.status == BundleStatus::Enabled)
+        {
+            return Err(LedgerError::AlreadyApplied(manifest.name.clone()));
+        }
+        self.check_states(manifest)?;
+        let mut writes = Vec::new();
+        let mut busy = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for f in functions {
+            if !seen.insert(f.site) {
+                return Err(LedgerError::DuplicateSite {
+                    bundle: manifest.name.clone(),
+                    func: f.old.clone(),
+                });
+            }
+            let now = current(f.site);
+            busy.push((f.site, f.site + f.size, f.old.clone()));
+            match self.sites.get(&f.site).and_then(|s| s.stack.last()) {
+                Some((owner, from, from_size)) => {
+                    writes.push(redirect::plan_retarget(
+                        &f.old, f.site, now, *from, f.new_addr,
+                    )?);
+                    busy.push((*from, from + from_size, format!("{} ({owner})", f.old)));
+                }
+                None => writes.push(redirect::plan_redirect(
+                    &f.old, f.site, f.size, now, f.new_addr,
+                )?),
+            }
+        }
+        let mut replaces = Vec::new();
+        if manifest.replace {
+            // Functions patched only by retired bundles go back to their original code.
+            for (site, s) in &self.sites {
+                if seen.contains(site) {
+                    continue;
+                }
+                if let Some((owner, to, to_size)) = s.stack.last() {
+                    writes.push(redirect::plan_revert(
+                        &s.func,
+                        *site,
+                        current(*site),
+                        *to,
+                        s.original,
+                    )?);
+                    busy.push((*to, to + to_size, format!("{} ({owner})", s.func)));
+                    busy.push((*site, site + s.size, s.func.clone()));
+                }
+            }
+            replaces = self.enabled().map(|b| b.name.clone()).collect();
+        }
+        Ok(Transition {
+            bundle: manifest.name.clone(),
+            kind: TransitionKind::Apply,
+            writes,
+            busy_ranges: busy,
+            replaces,
+        })
+    }
+
+    /// Records a completed apply (`forced` when the consistency check was skipped).
+    pub fn commit_apply(
+        &mut self,
+        manifest: &Manifest,
+        digest: &str,
+        functions: &[ResolvedFunction],
+        transition: &Transition,
+        forced: bool,
+    ) {
+        let originals: BTreeMap<u64, [u8; SITE_LEN]> = transition
+            .writes
+            .iter()
+            .map(|w| (w.site, w.expected))
+            .collect();
+        for name in &transition.replaces {
+            for b in self
+                .bundles
+                .iter_mut()
+                .filter(|b| &b.name == name && b.status == BundleStatus::Enabled)
+            {
+                b.status = BundleStatus::Replaced {
+                    by: manifest.name.clone(),
+                };
+            }
+            for s in self.sites.values_mut() {
+                s.stack.retain(|(owner, ..)| owner != name);
+            }
+        }
+        // Sites the retired bundles alone patched are back to their original code; sites
+        // this bundle patches keep their record (and the original bytes in it).
+        let patched: std::collections::HashSet<u64> = functions.iter().map(|f| f.site).collect();
+        self.sites
+            .retain(|site, s| !s.stack.is_empty() || patched.contains(site));
+        for f in functions {
+            let site = self.sites.entry(f.site).or_insert_with(|| Site {
+                func: f.old.clone(),
+                size: f.size,
+                original: originals.get(&f.site).copied().unwrap_or([0; SITE_LEN]),
+                stack: Vec::new(),
+            });
+            site.stack
+                .push((manifest.name.clone(), f.new_addr, f.new_size));
+        }
+        let order = self.enabled().count() + 1;
+        self.bundles
+            .retain(|b| !(b.name == manifest.name && b.status != BundleStatus::Enabled));
+        self.bundles.push(BundleRecord {
+            name: manifest.name.clone(),
+            version: manifest.version,
+            replace: manifest.replace,
+            digest: digest.to_string(),
+            states: manifest.states.iter().map(|s| (s.id, s.version)).collect(),
+            functions: functions
+                .iter()
+                .map(|f| FunctionRecord {
+                    old: f.old.clone(),
+                    sympos: f.sympos,
+                    site: f.site,
+                    size: f.size,
+                    new_addr: f.new_addr,
+                    new_size: f.new_size,
+                })
+                .collect(),
+            status: BundleStatus::Enabled,
+            forced,
+            stack_order: order,
+        });
+        for name in &transition.replaces {
+            self.log(name, format!("replaced by {}", manifest.name));
+        }
+        self.log(
+            &manifest.name,
+            if forced {
+                "completed (forced: consistency check skipped)"
+            } else {
+                "completed"
+            },
+        );
+    }
+
+    /// Plans disabling an enabled bundle: each of its sites falls back to the previous
+    /// bundle's function on that site, or to the original code.
+    pub fn plan_disable(
+        &self,
+        name: &str,
+        mut current: impl FnMut(u64) -> [u8; SITE_LEN],
+    ) -> Result<Transition, LedgerError> {
+        let bundle = self
+            .enabled()
+            .find(|b| b.name == name)
+            .ok_or_else(|| LedgerError::NotApplied(name.to_string()))?;
+        let mut writes = Vec::new();
+        let mut busy = Vec::new();
+        for f in &bundle.functions {
+            let Some(site) = self.sites.get(&f.site) else {
+                continue;
+            };
+            busy.push((
+                f.new_addr,
+                f.new_addr + f.new_size,
+                format!("{} ({name})", f.old),
+            ));
+            let top = site.stack.last().map(|(owner, ..)| owner.as_str());
+            if top != Some(name) {
+                continue; // a later bundle owns the site; only the stack entry goes
+            }
+            let below = site.stack.iter().rev().nth(1);
+            let now = current(f.site);
+            writes.push(match below {
+                Some((_, to, _)) => redirect::plan_retarget(&f.old, f.site, now, f.new_addr, *to)?,
+                None => redirect::plan_revert(&f.old, f.site, now, f.new_addr, site.original)?,
+            });
+        }
+        Ok(Transition {
+            bundle: name.to_string(),
+            kind: TransitionKind::Disable,
+            writes,
+            busy_ranges: busy,
+            replaces: Vec::new(),
+        })
+    }
+
+    /// Records a completed disable.
+    pub fn commit_disable(&mut self, name: &str, forced: bool) {
+        for s in self.sites.values_mut() {
+            s.stack.retain(|(owner, ..)| owner != name);
+        }
+        self.sites.retain(|_, s| !s.stack.is_empty());
+        for b in self
+            .bundles
+            .iter_mut()
+            .filter(|b| b.name == name && b.status == BundleStatus::Enabled)
+        {
+            b.status = BundleStatus::Disabled;
+            b.forced |= forced;
+        }
+        self.log(
+            name,
+            if forced {
+                "disabled (forced)"
+            } else {
+                "disabled"
+            },
+        );
+    }
+
+    /// The function a site runs now: `None` when it runs its original code.
+    pub fn active_target(&self, site: u64) -> Option<(&str, u64)> {
+        self.sites
+            .get(&site)
+            .and_then(|s| s.stack.last())
+            .map(|(b, a, _)| (b.as_str(), *a))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{Replacement, Target};
+    use crate::redirect::jmp_rel32;
+    use std::collections::HashMap;
+
+    const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+    const CMDLINE: u64 = 0xffff_ffff_8130_0000;
+    const MEMINFO: u64 = 0xffff_ffff_8131_0000;
+
+    fn manifest(name: &str, replace: bool, funcs: &[&str], states: &[(u64, u32)]) -> Manifest {
+        Manifest {
+            name: name.into(),
+            version: 1,
+            target: Target {
+                release: "r".into(),
+                build_id: None,
+            },
+            replace,
+            functions: funcs
+                .iter()
+                .map(|f| Replacement {
+                    old: f.to_string(),
+                    sympos: None,
+                    new: format!("new_{f}"),
+                })
+                .collect(),
+            states: states
+                .iter()
+                .map(|&(id, version)| State { id, version })
+                .collect(),
+        }
+    }
+
+    fn resolved(funcs: &[(&str, u64)], area: u64) -> Vec<ResolvedFunction> {
+        funcs
+            .iter()
+            .enumerate()
+            .map(|(i, (f, site))| ResolvedFunction {
+                old: f.to_string(),
+                sympos: 1,
+                site: *site,
+                size: 0x80,
+                new_addr: area + 0x100 * i as u64,
+                new_size: 0x40,
+            })
+            .collect()
+    }
+
+    /// A fake kernel text: site -> 5 bytes.
+    struct Text(HashMap<u64, [u8; 5]>);
+    impl Text {
+        fn new() -> Self {
+            Text([(CMDLINE, NOP5), (MEMINFO, NOP5)].into_iter().collect())
+        }
+        fn get(&self, site: u64) -> [u8; 5] {
+            self.0[&site]
+        }
+        fn apply(&mut self, t: &Transition) {
+            for w in &t.writes {
+                assert_eq!(self.0[&w.site], w.expected);
+                self.0.insert(w.site, w.replacement);
+            }
+        }
+    }
+
+    fn apply(l: &mut Ledger, text: &mut Text, m: &Manifest, f: &[ResolvedFunction]) {
+        let t = l.plan_apply(m, f, |s| text.get(s)).unwrap();
+        text.apply(&t);
+        l.commit_apply(m, "digest", f, &t, false);
+    }
+
+    #[test]
+    fn apply_then_disable_restores_the_original_bytes() {
+        let (mut l, mut text) = (Ledger::new(), Text::new());
+        let m = manifest("a", false, &["cmdline_proc_show"], &[]);
+        let f = resolved(&[("cmdline_proc_show", CMDLINE)], 0xffff_ffff_c000_0000);
+        apply(&mut l, &mut text, &m, &f);
+        assert_eq!(
+            text.get(CMDLINE),
+            jmp_rel32(CMDLINE, f[0].new_addr).unwrap()
+        );
+        assert_eq!(
+            l.plan_apply(&m, &f, |s| text.get(s)),
+            Err(LedgerError::AlreadyApplied("a".into()))
+        );
+        let t = l.plan_disable("a", |s| text.get(s)).unwrap();
+        assert_eq!(t.busy_ranges[0].0, f[0].new_addr);
+        text.apply(&t);
+        l.commit_disable("a", false);
+        assert_eq!(text.get(CMDLINE), NOP5);
+        assert_eq!(l.bundles()[0].status, BundleStatus::Disabled);
+        assert!(matches!(
+            l.plan_disable("a", |s| text.get(s)),
+            Err(LedgerError::NotApplied(_))
+        ));
+        let log: Vec<&str> = l.events().iter().map(|e| e.what.as_str()).collect();
+        assert_eq!(log, ["completed", "disabled"]);
+    }
+
+    #[test]
+    fn stacked_bundles_fall_back_per_function() {
+        let (mut l, mut text) = (Ledger::new(), Text::new());
+        let m1 = manifest("one", false, &["cmdline_proc_show"], &[]);
+        let f1 = resolved(&[("cmdline_proc_show", CMDLINE)], 0xffff_ffff_c000_0000);
+        apply(&mut l, &mut text, &m1, &f1);
+        let m2 = manifest(
+            "two",
+            false,
+            &["cmdline_proc_show", "meminfo_proc_show"],
+            &[],
+        );
+        let f2 = resolved(
+            &[
+                ("cmdline_proc_show", CMDLINE),
+                ("meminfo_proc_show", MEMINFO),
+            ],
+            0xffff_ffff_c001_0000,
+        );
+        let t2 = l.plan_apply(&m2, &f2, |s| text.get(s)).unwrap();
+        // Taking over from bundle one makes its new code busy too.
+        assert!(t2.busy_ranges.iter().any(|r| r.0 == f1[0].new_addr));
+        text.apply(&t2);
+        l.commit_apply(&m2, "d2", &f2, &t2, false);
+        assert_eq!(l.active_target(CMDLINE), Some(("two", f2[0].new_addr)));
+        // Disabling the first (not on top) changes no bytes.
+        let t = l.plan_disable("one", |s| text.get(s)).unwrap();
+        assert!(t.writes.is_empty());
+        l.commit_disable("one", false);
+        // Disabling the second reverts both of its sites to the original code.
+        let t = l.plan_disable("two", |s| text.get(s)).unwrap();
+        text.apply(&t);
+        l.commit_disable("two", false);
+        assert_eq!((text.get(CMDLINE), text.get(MEMINFO)), (NOP5, NOP5));
+    }
+
+    #[test]
+    fn disabling_the_top_falls_back_to_the_bundle_below() {
+        let (mut l, mut text) = (Ledger::new(), Text::new());
+        let f1 = resolved(&[("cmdline_proc_show", CMDLINE)], 0xffff_ffff_c000_0000);
+        apply(
+            &mut l,
+            &mut text,
+            &manifest("one", false, &["cmdline_proc_show"], &[]),
+            &f1,
+        );
+        let f2 = resolved(&[("cmdline_proc_show", CMDLINE)], 0xffff_ffff_c001_0000);
+        apply(
+            &mut l,
+            &mut text,
+            &manifest("two", false, &["cmdline_proc_show"], &[]),
+            &f2,
+        );
+        let t = l.plan_disable("two", |s| text.get(s)).unwrap();
+        text.apply(&t);
+        l.commit_disable("two", false);
+        assert_eq!(
+            text.get(CMDLINE),
+            jmp_rel32(CMDLINE, f1[0].new_addr).unwrap()
+        );
+    }
+
+    #[test]
+    fn atomic_replace_reverts_what_it_does_not_carry() {
+        let (mut l, mut text) = (Ledger::new(), Text::new());
+        let f1 = resolved(&[("cmdline_proc_show", CMDLINE)], 0xffff_ffff_c000_0000);
+        apply(
+            &mut l,
+            &mut text,
+            &manifest("one", false, &["cmdline_proc_show"], &[]),
+            &f1,
+        );
+        let m = manifest("cumulative", true, &["meminfo_proc_show"], &[]);
+        let f = resolved(&[("meminfo_proc_show", MEMINFO)], 0xffff_ffff_c002_0000);
+        let t = l.plan_apply(&m, &f, |s| text.get(s)).unwrap();
+        assert_eq!(t.replaces, vec!["one".to_string()]);
+        text.apply(&t);
+        l.commit_apply(&m, "d", &f, &t, false);
+        assert_eq!(text.get(CMDLINE), NOP5);
+        assert_eq!(
+            text.get(MEMINFO),
+            jmp_rel32(MEMINFO, f[0].new_addr).unwrap()
+        );
+        assert_eq!(
+            l.bundles()[0].status,
+            BundleStatus::Replaced {
+                by: "cumulative".into()
+            }
+        );
+        // Disabling the replacer leaves nothing patched (no fallback to replaced bundles).
+        let t = l.plan_disable("cumulative", |s| text.get(s)).unwrap();
+        text.apply(&t);
+        l.commit_disable("cumulative", false);
+        assert_eq!((text.get(CMDLINE), text.get(MEMINFO)), (NOP5, NOP5));
+    }
+
+    #[test]
+    fn a_replace_of_the_same_function_keeps_the_true_original() {
+        let (mut l, mut text) = (Ledger::new(), Text::new());
+        let f1 = resolved(&[("cmdline_proc_show", CMDLINE)], 0xffff_ffff_c000_0000);
+        apply(
+            &mut l,
+            &mut text,
+            &manifest("v1", false, &["cmdline_proc_show"], &[]),
+            &f1,
+        );
+        let f2 = resolved(&[("cmdline_proc_show", CMDLINE)], 0xffff_ffff_c001_0000);
+        apply(
+            &mut l,
+            &mut text,
+            &manifest("v2", true, &["cmdline_proc_show"], &[]),
+            &f2,
+        );
+        assert_eq!(
+            text.get(CMDLINE),
+            jmp_rel32(CMDLINE, f2[0].new_addr).unwrap()
+        );
+        let t = l.plan_disable("v2", |s| text.get(s)).unwrap();
+        text.apply(&t);
+        l.commit_disable("v2", false);
+        assert_eq!(text.get(CMDLINE), NOP5);
+    }
+
+    #[test]
+    fn state_versions_follow_klp_rules() {
+        let (mut l, mut text) = (Ledger::new(), Text::new());
+        let f1 = resolved(&[("cmdline_proc_show", CMDLINE)], 0xffff_ffff_c000_0000);
+        apply(
+            &mut l,
+            &mut text,
+            &manifest("s2", false, &["cmdline_proc_show"], &[(7, 2)]),
+            &f1,
+        );
+        let f = resolved(&[("meminfo_proc_show", MEMINFO)], 0xffff_ffff_c003_0000);
+        let lower = manifest("low", false, &["meminfo_proc_show"], &[(7, 1)]);
+        assert!(matches!(
+            l.plan_apply(&lower, &f, |s| text.get(s)),
+            Err(LedgerError::IncompatibleState { id: 7, .. })
+        ));
+        let cumulative_without = manifest("cum", true, &["meminfo_proc_show"], &[]);
+        assert!(matches!(
+            l.plan_apply(&cumulative_without, &f, |s| text.get(s)),
+            Err(LedgerError::IncompatibleState { id: 7, .. })
+        ));
+        let plain_without = manifest("plain", false, &["meminfo_proc_show"], &[]);
+        assert!(l.plan_apply(&plain_without, &f, |s| text.get(s)).is_ok());
+        let same = manifest("same", true, &["meminfo_proc_show"], &[(7, 2)]);
+        assert!(l.plan_apply(&same, &f, |s| text.get(s)).is_ok());
+    }
+}
