@@ -5,6 +5,7 @@
 pub mod build;
 pub mod bundle;
 pub mod ledger;
+pub mod linker;
 pub mod manifest;
 pub mod object_check;
 pub mod redirect;

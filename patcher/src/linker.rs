@@ -1,0 +1,458 @@
+//! The linker: lays out a patch object's sections in the patch area the VMM reserves
+//! in the guest kernel's address space, resolves its undefined symbols against the
+//! guest's kallsyms and applies its relocations, checking every one for overflow.
+//! `call __fentry__` sites become the 5-byte NOP, as the kernel does for its own text.
+
+use std::collections::HashMap;
+
+use object::{
+    Object, ObjectSection, ObjectSymbol, RelocationFlags, RelocationTarget, SectionIndex,
+    SectionKind, SymbolKind, SymbolSection,
+};
+
+/// The NOP the kernel puts in place of `call __fentry__`.
+pub const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+const PAGE: u64 = 4096;
+
+/// Why an object cannot be linked.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LinkError {
+    #[error("patch object does not parse: {0}")]
+    Format(String),
+    #[error("unknown symbol {0} (not in the guest's kallsyms)")]
+    UnknownSymbol(String),
+    #[error("symbol {name}: {detail}")]
+    Symbol { name: String, detail: String },
+    #[error(
+        "relocation {kind} at {section}+{offset:#x} against {target} overflows (value {value:#x})"
+    )]
+    Overflow {
+        kind: &'static str,
+        section: String,
+        offset: u64,
+        target: String,
+        value: i128,
+    },
+    #[error("unsupported relocation type {r_type} at {section}+{offset:#x}")]
+    Unsupported {
+        r_type: u32,
+        section: String,
+        offset: u64,
+    },
+    #[error("relocation at {section}+{offset:#x} is outside its section")]
+    OutOfBounds { section: String, offset: u64 },
+    #[error("the patch needs {needed} bytes but the patch area has {available}")]
+    TooBig { needed: u64, available: u64 },
+    #[error("{name} at {site:#x} is a call to __fentry__ that does not look like one")]
+    BadFentry { name: String, site: u64 },
+}
+
+/// Resolves names of the guest kernel's symbols.
+pub trait SymbolResolver {
+    /// The address of `name` (the `sympos`-th of that name when given).
+    fn resolve(&self, name: &str, sympos: Option<u32>) -> Result<u64, String>;
+}
+
+/// Which region a section goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Region {
+    /// Read-only, executable.
+    Text,
+    /// Read-only, not executable.
+    Rodata,
+    /// Read-write, not executable (data and bss).
+    Data,
+}
+
+/// A linked patch: three page-aligned images and where the functions ended up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkedPatch {
+    pub base: u64,
+    pub text: Vec<u8>,
+    pub rodata: Vec<u8>,
+    pub data: Vec<u8>,
+    /// Guest addresses of the three images.
+    pub text_addr: u64,
+    pub rodata_addr: u64,
+    pub data_addr: u64,
+    /// Address and size of every function the object defines.
+    pub functions: HashMap<String, (u64, u64)>,
+    /// Kernel symbols the patch refers to, resolved.
+    pub imports: Vec<(String, u64)>,
+}
+
+impl LinkedPatch {
+    /// Total bytes of the patch area used (page-rounded images).
+    pub fn size(&self) -> u64 {
+        self.data_addr + round_up(self.data.len() as u64) - self.base
+    }
+}
+
+fn round_up(v: u64) -> u64 {
+    v.div_ceil(PAGE) * PAGE
+}
+
+fn region_of(section: &object::Section<'_, '_>) -> Option<Region> {
+    let name = section.name().ok()?;
+    match section.kind() {
+        SectionKind::Text => Some(Region::Text),
+        SectionKind::ReadOnlyData | SectionKind::ReadOnlyString => Some(Region::Rodata),
+        SectionKind::Data | SectionKind::UninitializedData => Some(Region::Data),
+        _ if name.starts_with(".rodata") => Some(Region::Rodata),
+        _ if name.starts_with(".data") || name.starts_with(".bss") => Some(Region::Data),
+        _ => None,
+    }
+}
+
+/// Links `object` at `base` (page aligned) into an area of `area_size` bytes.
+/// `sympos` gives the position for kernel symbols whose names are not unique.
+pub fn link(
+    object: &[u8],
+    base: u64,
+    area_size: u64,
+    resolver: &dyn SymbolResolver,
+    sympos: &HashMap<String, u32>,
+) -> Result<LinkedPatch, LinkError> {
+    let file = object::File::parse(object).map_err(|e| LinkError::Format(e.to_string()))?;
+
+    // Layout: each allocated section at its alignment within its region.
+    let mut offsets: HashMap<SectionIndex, (Region, u64)> = HashMap::new();
+    let mut sizes = [0u64; 3];
+    for section in file.sections() {
+        let Some(region) = region_of(&section) else {
+            continue;
+        };
+        if section.size() == 0 {
+            continue;
+        }
+        let r = region as usize;
+        let align = section.align().max(1);
+        let off = sizes[r].div_ceil(align) * align;
+        offsets.insert(section.index(), (region, off));
+        sizes[r] = off + section.size();
+    }
+    let text_addr = base;
+    let rodata_addr = text_addr + round_up(sizes[0]);
+    let data_addr = rodata_addr + round_up(sizes[1]);
+    let needed = data_addr + round_up(sizes[2]) - base;
+    if needed > area_size {
+        return Err(LinkError::TooBig {
+            needed,
+            available: area_size,
+        });
+    }
+    let region_addr = |r: Region| match r {
+        Region::Text => text_addr,
+        Region::Rodata => rodata_addr,
+        Region::Data => data_addr,
+    };
+    let mut images = [
+        vec![0u8; sizes[0] as usize],
+        vec![0u8; sizes[1] as usize],
+        vec![0u8; sizes[2] as usize],
+    ];
+    for section in file.sections() {
+        let Some(&(region, off)) = offsets.get(&section.index()) else {
+            continue;
+        };
+        if section.kind() == SectionKind::UninitializedData {
+            continue;
+        }
+        let data = section
+            .data()
+            .map_err(|e| LinkError::Format(e.to_string()))?;
+        let img = &mut images[region as usize];
+        img[off as usize..off as usize + data.len()].copy_from_slice(data);
+    }
+    let section_addr = |idx: SectionIndex| -> Option<u64> {
+        offsets
+            .get(&idx)
+            .map(|&(region, off)| region_addr(region) + off)
+    };
+
+    // Symbols: defined ones by layout, undefined ones through kallsyms.
+    let mut functions = HashMap::new();
+    let mut imports: Vec<(String, u64)> = Vec::new();
+    let mut symbol_value = |sym: &object::Symbol<'_, '_>| -> Result<Option<u64>, LinkError> {
+        let name = sym.name().unwrap_or("");
+        match sym.section() {
+            SymbolSection::Section(idx) => Ok(section_addr(idx).map(|a| a + sym.address())),
+            SymbolSection::Absolute => Ok(Some(sym.address())),
+            SymbolSection::Undefined => {
+                if let Some((_, v)) = imports.iter().find(|(n, _)| n == name) {
+                    return Ok(Some(*v));
+                }
+                let v = resolver
+                    .resolve(name, sympos.get(name).copied())
+                    .map_err(|detail| {
+                        if detail.is_empty() {
+                            LinkError::UnknownSymbol(name.to_string())
+                        } else {
+                            LinkError::Symbol {
+                                name: name.to_string(),
+                                detail,
+                            }
+                        }
+                    })?;
+                imports.push((name.to_string(), v));
+                Ok(Some(v))
+            }
+            _ => Ok(None),
+        }
+    };
+    for sym in file.symbols() {
+        if sym.kind() == SymbolKind::Text && sym.is_definition() {
+            if let (Ok(name), Some(addr)) = (sym.name(), symbol_value(&sym)?) {
+                functions.insert(name.to_string(), (addr, sym.size()));
+            }
+        }
+    }
+
+    // Relocations of placed sections.
+    for section in file.sections() {
+        let Some(&(region, off)) = offsets.get(&section.index()) else {
+            continue;
+        };
+        let sname = section.name().unwrap_or("?").to_string();
+        for (r_off, reloc) in section.relocations() {
+            let RelocationTarget::Symbol(sidx) = reloc.target() else {
+                return Err(LinkError::Format(format!(
+                    "relocation without symbol in {sname}"
+                )));
+            };
+            let sym = file
+                .symbol_by_index(sidx)
+                .map_err(|e| LinkError::Format(e.to_string()))?;
+            let target_name = match sym.kind() {
+                SymbolKind::Section => sym
+                    .section_index()
+                    .and_then(|i| file.section_by_index(i).ok())
+                    .and_then(|s| s.name().ok().map(str::to_string))
+                    .unwrap_or_default(),
+                _ => sym.name().unwrap_or("").to_string(),
+            };
+            let RelocationFlags::Elf { r_type } = reloc.flags() else {
+                return Err(LinkError::Format("not an ELF relocation".into()));
+            };
+            let place = region_addr(region) + off + r_off;
+            let img = &mut images[region as usize];
+            let at = (off + r_off) as usize;
+            let width = match r_type {
+                object::elf::R_X86_64_64 => 8,
+                _ => 4,
+            };
+            if at + width > img.len() || r_off + width as u64 > section.size() {
+                return Err(LinkError::OutOfBounds {
+                    section: sname,
+                    offset: r_off,
+                });
+            }
+            // `call __fentry__` becomes the 5-byte NOP.
+            if target_name == "__fentry__" && region == Region::Text {
+                if at == 0 || img[at - 1] != 0xe8 {
+                    return Err(LinkError::BadFentry {
+                        name: sname,
+                        site: place,
+                    });
+                }
+                img[at - 1..at + 4].copy_from_slice(&NOP5);
+                continue;
+            }
+            let s =
+                symbol_value(&sym)?.ok_or_else(|| LinkError::UnknownSymbol(target_name.clone()))?;
+            let a = i128::from(reloc.addend());
+            let overflow = |kind: &'static str, value: i128| LinkError::Overflow {
+                kind,
+                section: sname.clone(),
+                offset: r_off,
+                target: target_name.clone(),
+                value,
+            };
+            match r_type {
+                object::elf::R_X86_64_64 => {
+                    let v = (i128::from(s) + a) as u64;
+                    img[at..at + 8].copy_from_slice(&v.to_le_bytes());
+                }
+                object::elf::R_X86_64_PC32 | object::elf::R_X86_64_PLT32 => {
+                    let v = i128::from(s) + a - i128::from(place);
+                    let v = i32::try_from(v).map_err(|_| overflow("PC32", v))?;
+                    img[at..at + 4].copy_from_slice(&v.to_le_bytes());
+                }
+                object::elf::R_X86_64_32S => {
+                    // Sign-extended: the value read back as i32 must equal S + A as u64.
+                    let v = (i128::from(s) + a) as u64 as i64;
+                    let v = i32::try_from(v).map_err(|_| overflow("32S", i128::from(v)))?;
+                    img[at..at + 4].copy_from_slice(&v.to_le_bytes());
+                }
+                object::elf::R_X86_64_32 => {
+                    let v = i128::from(s) + a;
+                    let v = u32::try_from(v).map_err(|_| overflow("32", v))?;
+                    img[at..at + 4].copy_from_slice(&v.to_le_bytes());
+                }
+                other => {
+                    return Err(LinkError::Unsupported {
+                        r_type: other,
+                        section: sname,
+                        offset: r_off,
+                    })
+                }
+            }
+        }
+    }
+    let [text, rodata, data] = images;
+    Ok(LinkedPatch {
+        base,
+        text,
+        rodata,
+        data,
+        text_addr,
+        rodata_addr,
+        data_addr,
+        functions,
+        imports,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+
+    struct Kallsyms(HashMap<&'static str, u64>);
+    impl SymbolResolver for Kallsyms {
+        fn resolve(&self, name: &str, sympos: Option<u32>) -> Result<u64, String> {
+            match (name, sympos) {
+                ("dup", None) => Err("ambiguous: 2 symbols of that name; give sympos".into()),
+                ("dup", Some(2)) => Ok(0xffff_ffff_8100_2000),
+                _ => self.0.get(name).copied().ok_or_default(),
+            }
+        }
+    }
+    trait OkOrDefault<T> {
+        fn ok_or_default(self) -> Result<T, String>;
+    }
+    impl<T> OkOrDefault<T> for Option<T> {
+        fn ok_or_default(self) -> Result<T, String> {
+            self.ok_or_else(String::new)
+        }
+    }
+
+    const BASE: u64 = 0xffff_ffff_c100_0000;
+    const KFUNC: u64 = 0xffff_ffff_8123_4560;
+    const THUNK: u64 = 0xffff_ffff_81e0_1940;
+
+    fn kallsyms() -> Kallsyms {
+        Kallsyms(
+            [
+                ("kfunc", KFUNC),
+                ("__x86_return_thunk", THUNK),
+                ("kernel_counter", 0xffff_ffff_8250_0000),
+            ]
+            .into_iter()
+            .collect(),
+        )
+    }
+
+    fn compile(name: &str, source: &str) -> Vec<u8> {
+        let dir = std::env::temp_dir().join(format!("patcher-link-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("t.c"), source).unwrap();
+        let status = std::process::Command::new("cc")
+            .args([
+                "-c",
+                "-O2",
+                "-fno-pic",
+                "-mcmodel=kernel",
+                "-mfentry",
+                "-pg",
+                "-fno-asynchronous-unwind-tables",
+                "-o",
+            ])
+            .arg(dir.join("t.o"))
+            .arg(dir.join("t.c"))
+            .status()
+            .expect("these tests need a C compiler (cc)");
+        assert!(status.success());
+        let bytes = std::fs::read(dir.join("t.o")).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        bytes
+    }
+
+    const SRC: &str = "extern int kfunc(const char *s);\n\
+        extern int kernel_counter;\n\
+        static int calls;\n\
+        int new_fn(void) { calls++; kernel_counter++; return kfunc(\"patched\") + calls; }\n";
+
+    #[test]
+    fn links_calls_data_and_strings_and_nops_fentry() {
+        let obj = compile("ok", SRC);
+        let p = link(&obj, BASE, 1 << 20, &kallsyms(), &HashMap::new()).unwrap();
+        let (addr, size) = p.functions["new_fn"];
+        assert_eq!(addr, BASE);
+        assert_eq!(&p.text[..5], &NOP5, "fentry call became a NOP");
+        let mut saw_call = false;
+        let mut saw_string = false;
+        let code = &p.text[..size as usize];
+        let mut d = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
+        for insn in &mut d {
+            if matches!(insn.mnemonic(), Mnemonic::Call | Mnemonic::Jmp)
+                && insn.near_branch64() == KFUNC
+            {
+                saw_call = true;
+            }
+            if insn.immediate32() as i32 as i64 as u64 == p.rodata_addr
+                || insn.memory_displacement64() == p.rodata_addr
+            {
+                saw_string = true;
+            }
+        }
+        assert!(saw_call, "call to kfunc relocated");
+        assert!(saw_string, "string address relocated into rodata");
+        let s = p.rodata.windows(7).position(|w| w == b"patched");
+        assert!(s.is_some());
+        assert!(p
+            .imports
+            .iter()
+            .any(|(n, v)| n == "kernel_counter" && *v == 0xffff_ffff_8250_0000));
+        assert_eq!(p.data_addr % 4096, 0);
+        assert!(p.size() <= 3 * 4096);
+    }
+
+    #[test]
+    fn reports_unknown_symbols_overflow_and_size() {
+        let obj = compile(
+            "unknown",
+            "extern int nowhere(void);\nint new_fn(void) { return nowhere(); }\n",
+        );
+        assert_eq!(
+            link(&obj, BASE, 1 << 20, &kallsyms(), &HashMap::new()),
+            Err(LinkError::UnknownSymbol("nowhere".into()))
+        );
+        let obj = compile(
+            "dup",
+            "extern int dup(void);\nint new_fn(void) { return dup(); }\n",
+        );
+        let err = link(&obj, BASE, 1 << 20, &kallsyms(), &HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dup") && err.contains("sympos"), "{err}");
+        let pos = [("dup".to_string(), 2)].into_iter().collect();
+        assert!(link(&obj, BASE, 1 << 20, &kallsyms(), &pos).is_ok());
+
+        // Placed 8 GiB below the kernel, a call to it cannot reach.
+        let obj = compile("far", SRC);
+        let err = link(
+            &obj,
+            0xffff_fffd_c000_0000,
+            1 << 20,
+            &kallsyms(),
+            &HashMap::new(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, LinkError::Overflow { .. }), "{err}");
+        assert!(matches!(
+            link(&obj, BASE, 4096, &kallsyms(), &HashMap::new()),
+            Err(LinkError::TooBig { .. })
+        ));
+    }
+}
