@@ -4,8 +4,11 @@
 
 pub mod build;
 pub mod bundle;
+pub mod consistency;
 pub mod ledger;
 pub mod linker;
 pub mod manifest;
 pub mod object_check;
 pub mod redirect;
+pub mod target;
+pub mod transition;

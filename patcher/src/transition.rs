@@ -1,0 +1,652 @@
+//! Carrying out a transition on a VM: resolve, link and load the bundle, then in a loop
+//! pause the guest, check consistency, write every site or none, and resume, retrying
+//! with backoff until a deadline. The ledger records every step.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::bundle::Bundle;
+use crate::consistency::{self, Blocker};
+use crate::ledger::{Ledger, LedgerError, ResolvedFunction, Transition};
+use crate::linker::{self, LinkError, LinkedPatch, SymbolResolver};
+use crate::redirect::{SiteWrite, SITE_LEN};
+use crate::target::PatchTarget;
+
+/// Why a transition failed. In every case the guest's kernel text and the patch area
+/// are as they were before.
+#[derive(Debug, thiserror::Error)]
+pub enum TransitionError {
+    #[error("bundle {bundle} targets kernel {wanted}, the guest runs {found}")]
+    WrongKernel {
+        bundle: String,
+        wanted: String,
+        found: String,
+    },
+    #[error("{bundle}: cannot resolve {func}: {detail}")]
+    Resolve {
+        bundle: String,
+        func: String,
+        detail: String,
+    },
+    #[error("{0}")]
+    Link(#[from] LinkError),
+    #[error("{0}")]
+    Ledger(#[from] LedgerError),
+    #[error("VM: {0}")]
+    Target(String),
+    #[error("{bundle}: transition did not complete within {waited:?}; blocked by: {}", blockers.join("; "))]
+    Blocked {
+        bundle: String,
+        waited: Duration,
+        blockers: Vec<String>,
+    },
+    #[error("{bundle}: writing {site:#x} failed ({detail}); every site was restored")]
+    WriteFailed {
+        bundle: String,
+        site: u64,
+        detail: String,
+    },
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// How to run a transition.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Give up after this long (default 15 s).
+    pub deadline: Duration,
+    /// Skip the consistency check (recorded as forced).
+    pub force: bool,
+    /// First wait between attempts; doubles up to `max_backoff`.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            deadline: Duration::from_secs(15),
+            force: false,
+            backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+struct Resolver<'a, T: PatchTarget>(&'a T);
+
+impl<T: PatchTarget> SymbolResolver for Resolver<'_, T> {
+    fn resolve(&self, name: &str, sympos: Option<u32>) -> Result<u64, String> {
+        self.0.symbol(name, sympos)
+    }
+}
+
+fn read_site<T: PatchTarget>(target: &T, site: u64) -> Result<[u8; SITE_LEN], String> {
+    let mut b = [0u8; SITE_LEN];
+    target.read_kernel(site, &mut b)?;
+    Ok(b)
+}
+
+/// Writes every site or, if one fails, restores those already written.
+fn write_all<T: PatchTarget>(
+    target: &mut T,
+    bundle: &str,
+    writes: &[SiteWrite],
+) -> Result<(), TransitionError> {
+    for (i, w) in writes.iter().enumerate() {
+        let result =
+            target
+                .write_kernel_text(w.site, &w.replacement)
+                .and_then(|_| match read_site(target, w.site) {
+                    Ok(b) if b == w.replacement => Ok(()),
+                    Ok(_) => Err("read back differs".to_string()),
+                    Err(e) => Err(e),
+                });
+        if let Err(detail) = result {
+            for done in writes[..i].iter().rev() {
+                let _ = target.write_kernel_text(done.site, &done.expected);
+            }
+            let _ = target.write_kernel_text(w.site, &w.expected);
+            return Err(TransitionError::WriteFailed {
+                bundle: bundle.to_string(),
+                site: w.site,
+                detail,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Runs `plan` (re-planned on every attempt, since site bytes are read while paused)
+/// until it can be written; returns the transition written and whether it was forced.
+fn run<T: PatchTarget>(
+    target: &mut T,
+    ledger: &mut Ledger,
+    bundle: &str,
+    opts: &Options,
+    cancelled: &dyn Fn() -> bool,
+    mut plan: impl FnMut(&Ledger, &T) -> Result<Transition, TransitionError>,
+) -> Result<Transition, TransitionError> {
+    let start = Instant::now();
+    let mut wait = opts.backoff;
+    let mut attempt = 0u32;
+    ledger.log(bundle, "transition started");
+    loop {
+        attempt += 1;
+        target.pause().map_err(TransitionError::Target)?;
+        let outcome = (|| {
+            let t = plan(ledger, target)?;
+            if !opts.force {
+                let rips = target.vcpu_rips().map_err(TransitionError::Target)?;
+                let tasks = target.task_stacks().map_err(TransitionError::Target)?;
+                if let Err(blockers) = consistency::check(&t.busy_ranges, &rips, &tasks) {
+                    return Ok(Err(blockers));
+                }
+            }
+            write_all(target, bundle, &t.writes)?;
+            Ok(Ok(t))
+        })();
+        target.resume().map_err(TransitionError::Target)?;
+        match outcome {
+            Ok(Ok(t)) => return Ok(t),
+            Ok(Err(blockers)) => {
+                let report: Vec<String> = blockers.iter().map(Blocker::to_string).collect();
+                ledger.log(
+                    bundle,
+                    format!("attempt {attempt} blocked by: {}", report.join("; ")),
+                );
+                if start.elapsed() + wait > opts.deadline {
+                    ledger.log(bundle, "failed: deadline reached, nothing written");
+                    return Err(TransitionError::Blocked {
+                        bundle: bundle.to_string(),
+                        waited: start.elapsed(),
+                        blockers: report,
+                    });
+                }
+                eprintln!(
+                    "patch: {bundle}: blocked ({}), retrying in {wait:?}",
+                    report.len()
+                );
+            }
+            Err(e) => {
+                ledger.log(bundle, format!("failed: {e}"));
+                return Err(e);
+            }
+        }
+        if cancelled() {
+            ledger.log(bundle, "cancelled, nothing written");
+            return Err(TransitionError::Cancelled);
+        }
+        std::thread::sleep(wait);
+        wait = (wait * 2).min(opts.max_backoff);
+    }
+}
+
+/// Applies a bundle. The patch area's next free address comes from the ledger's
+/// loaded bundles.
+pub fn apply<T: PatchTarget>(
+    target: &mut T,
+    ledger: &mut Ledger,
+    bundle: &Bundle,
+    digest: &str,
+    area_next: u64,
+    opts: &Options,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<LinkedPatch, TransitionError> {
+    let m = &bundle.manifest;
+    let reject = |ledger: &mut Ledger, e: TransitionError| {
+        ledger.log(&m.name, format!("rejected: {e}"));
+        e
+    };
+    ledger.log(&m.name, "accepted");
+    let release = target.kernel_release().map_err(TransitionError::Target)?;
+    if release != m.target.release {
+        return Err(reject(
+            ledger,
+            TransitionError::WrongKernel {
+                bundle: m.name.clone(),
+                wanted: m.target.release.clone(),
+                found: release,
+            },
+        ));
+    }
+    if let (Some(wanted), Ok(Some(found))) = (&m.target.build_id, target.kernel_build_id()) {
+        if !wanted.eq_ignore_ascii_case(&found) {
+            return Err(reject(
+                ledger,
+                TransitionError::WrongKernel {
+                    bundle: m.name.clone(),
+                    wanted: format!("build ID {wanted}"),
+                    found: format!("build ID {found}"),
+                },
+            ));
+        }
+    }
+    let mut olds = Vec::with_capacity(m.functions.len());
+    for f in &m.functions {
+        let sym = target.function(&f.old, f.sympos).map_err(|detail| {
+            reject(
+                ledger,
+                TransitionError::Resolve {
+                    bundle: m.name.clone(),
+                    func: f.old.clone(),
+                    detail,
+                },
+            )
+        });
+        olds.push(sym?);
+    }
+    let (area_base, area_size) = target.patch_area();
+    let available = (area_base + area_size).saturating_sub(area_next);
+    let linked = linker::link(
+        &bundle.object,
+        area_next,
+        available,
+        &Resolver(target),
+        &HashMap::new(),
+    )
+    .map_err(|e| reject(ledger, e.into()))?;
+    let mut resolved = Vec::with_capacity(m.functions.len());
+    for (f, old) in m.functions.iter().zip(&olds) {
+        let &(new_addr, new_size) = linked.functions.get(&f.new).ok_or_else(|| {
+            reject(
+                ledger,
+                TransitionError::Resolve {
+                    bundle: m.name.clone(),
+                    func: f.new.clone(),
+                    detail: "not defined in the bundle's object".into(),
+                },
+            )
+        })?;
+        resolved.push(ResolvedFunction {
+            old: f.old.clone(),
+            sympos: old.sympos,
+            site: old.addr,
+            size: old.size,
+            new_addr,
+            new_size,
+        });
+    }
+    // A plan that cannot work (already applied, incompatible states, a site that is not
+    // ours) is refused before anything is loaded.
+    ledger
+        .plan_apply(m, &resolved, |s| {
+            read_site(target, s).unwrap_or([0; SITE_LEN])
+        })
+        .map_err(|e| reject(ledger, e.into()))?;
+    target
+        .load_patch(&linked)
+        .map_err(TransitionError::Target)?;
+    let result = run(target, ledger, &m.name, opts, cancelled, |l, t| {
+        Ok(l.plan_apply(m, &resolved, |s| read_site(t, s).unwrap_or([0; SITE_LEN]))?)
+    });
+    match result {
+        Ok(t) => {
+            ledger.commit_apply(m, digest, &resolved, &t, opts.force);
+            Ok(linked)
+        }
+        Err(e) => {
+            let _ = target.unload_patch(&linked);
+            Err(e)
+        }
+    }
+}
+
+/// Disables an applied bundle with the same consistency rules.
+pub fn disable<T: PatchTarget>(
+    target: &mut T,
+    ledger: &mut Ledger,
+    name: &str,
+    opts: &Options,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<(), TransitionError> {
+    ledger.plan_disable(name, |s| read_site(target, s).unwrap_or([0; SITE_LEN]))?;
+    run(target, ledger, name, opts, cancelled, |l, t| {
+        Ok(l.plan_disable(name, |s| read_site(t, s).unwrap_or([0; SITE_LEN]))?)
+    })?;
+    ledger.commit_disable(name, opts.force);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consistency::TaskStack;
+    use crate::manifest::{Manifest, Replacement, Target};
+    use crate::redirect::jmp_rel32;
+    use crate::target::FunctionSymbol;
+    use std::cell::Cell;
+
+    const KTEXT: u64 = 0xffff_ffff_8100_0000;
+    const CMDLINE: u64 = KTEXT + 0x1000;
+    const MEMINFO: u64 = KTEXT + 0x2000;
+    const AREA: u64 = 0xffff_ffff_c000_0000;
+    const AREA_SIZE: u64 = 1 << 20;
+    const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+
+    struct FakeVm {
+        text: Vec<u8>,
+        area: Vec<u8>,
+        release: String,
+        paused: bool,
+        pauses: usize,
+        blocked_attempts: Cell<usize>,
+        fail_write_at: Option<usize>,
+        writes: usize,
+    }
+
+    impl FakeVm {
+        fn new() -> Self {
+            let mut text = vec![0xcc; 0x10000];
+            for f in [CMDLINE, MEMINFO] {
+                let o = (f - KTEXT) as usize;
+                text[o..o + 5].copy_from_slice(&NOP5);
+            }
+            FakeVm {
+                text,
+                area: vec![0; AREA_SIZE as usize],
+                release: "6.1.0-53-cloud-amd64".into(),
+                paused: false,
+                pauses: 0,
+                blocked_attempts: Cell::new(0),
+                fail_write_at: None,
+                writes: 0,
+            }
+        }
+        fn site(&self, a: u64) -> [u8; 5] {
+            let o = (a - KTEXT) as usize;
+            self.text[o..o + 5].try_into().unwrap()
+        }
+    }
+
+    impl PatchTarget for FakeVm {
+        fn kernel_release(&self) -> Result<String, String> {
+            Ok(self.release.clone())
+        }
+        fn kernel_build_id(&self) -> Result<Option<String>, String> {
+            Ok(Some("abcd".into()))
+        }
+        fn function(&self, name: &str, _: Option<u32>) -> Result<FunctionSymbol, String> {
+            match name {
+                "cmdline_proc_show" => Ok(FunctionSymbol {
+                    addr: CMDLINE,
+                    size: 0x80,
+                    sympos: 1,
+                }),
+                "meminfo_proc_show" => Ok(FunctionSymbol {
+                    addr: MEMINFO,
+                    size: 0x80,
+                    sympos: 1,
+                }),
+                _ => Err("not in kallsyms".into()),
+            }
+        }
+        fn symbol(&self, name: &str, _: Option<u32>) -> Result<u64, String> {
+            match name {
+                "seq_puts" => Ok(KTEXT + 0x3000),
+                _ => Err(String::new()),
+            }
+        }
+        fn patch_area(&self) -> (u64, u64) {
+            (AREA, AREA_SIZE)
+        }
+        fn load_patch(&mut self, p: &LinkedPatch) -> Result<(), String> {
+            for (addr, img) in [
+                (p.text_addr, &p.text),
+                (p.rodata_addr, &p.rodata),
+                (p.data_addr, &p.data),
+            ] {
+                let o = (addr - AREA) as usize;
+                self.area[o..o + img.len()].copy_from_slice(img);
+            }
+            Ok(())
+        }
+        fn unload_patch(&mut self, p: &LinkedPatch) -> Result<(), String> {
+            let o = (p.base - AREA) as usize;
+            self.area[o..o + p.size() as usize].fill(0);
+            Ok(())
+        }
+        fn pause(&mut self) -> Result<(), String> {
+            assert!(!self.paused);
+            self.paused = true;
+            self.pauses += 1;
+            Ok(())
+        }
+        fn resume(&mut self) -> Result<(), String> {
+            assert!(self.paused);
+            self.paused = false;
+            Ok(())
+        }
+        fn vcpu_rips(&mut self) -> Result<Vec<u64>, String> {
+            assert!(self.paused);
+            Ok(vec![KTEXT + 0x9000, KTEXT + 0x9100])
+        }
+        fn task_stacks(&mut self) -> Result<Vec<TaskStack>, String> {
+            assert!(self.paused);
+            let inside = self.blocked_attempts.get() > 0;
+            if inside {
+                self.blocked_attempts.set(self.blocked_attempts.get() - 1);
+            }
+            let frame = if inside {
+                CMDLINE + 0x20
+            } else {
+                KTEXT + 0x8000
+            };
+            Ok(vec![TaskStack {
+                pid: 42,
+                comm: "cat".into(),
+                frames: vec![frame],
+                symbols: vec![if inside {
+                    "cmdline_proc_show+0x20".into()
+                } else {
+                    "other".into()
+                }],
+                reliable: true,
+                words: vec![],
+            }])
+        }
+        fn read_kernel(&self, addr: u64, buf: &mut [u8]) -> Result<(), String> {
+            let o = (addr - KTEXT) as usize;
+            buf.copy_from_slice(&self.text[o..o + buf.len()]);
+            Ok(())
+        }
+        fn write_kernel_text(&mut self, addr: u64, bytes: &[u8]) -> Result<(), String> {
+            assert!(self.paused, "text written while the guest runs");
+            self.writes += 1;
+            if Some(self.writes) == self.fail_write_at {
+                return Err("injected failure".into());
+            }
+            let o = (addr - KTEXT) as usize;
+            self.text[o..o + bytes.len()].copy_from_slice(bytes);
+            Ok(())
+        }
+    }
+
+    fn bundle(name: &str, funcs: &[&str]) -> Bundle {
+        let mut src = String::from("extern void seq_puts(void *m, const char *s);\n");
+        for f in funcs {
+            src.push_str(&format!(
+                "int new_{f}(void *m, void *v) {{ seq_puts(m, \"this has been live patched\\n\"); return 0; }}\n"
+            ));
+        }
+        let dir = std::env::temp_dir().join(format!("patcher-tr-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("p.c"), src).unwrap();
+        let ok = std::process::Command::new("cc")
+            .args([
+                "-c",
+                "-O2",
+                "-fno-pic",
+                "-mcmodel=kernel",
+                "-mfentry",
+                "-pg",
+                "-o",
+            ])
+            .arg(dir.join("p.o"))
+            .arg(dir.join("p.c"))
+            .status()
+            .expect("these tests need a C compiler (cc)")
+            .success();
+        assert!(ok);
+        let object = std::fs::read(dir.join("p.o")).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        Bundle {
+            manifest: Manifest {
+                name: name.into(),
+                version: 1,
+                target: Target {
+                    release: "6.1.0-53-cloud-amd64".into(),
+                    build_id: Some("ABCD".into()),
+                },
+                replace: false,
+                functions: funcs
+                    .iter()
+                    .map(|f| Replacement {
+                        old: f.to_string(),
+                        sympos: None,
+                        new: format!("new_{f}"),
+                    })
+                    .collect(),
+                states: vec![],
+            },
+            object,
+        }
+    }
+
+    fn quick() -> Options {
+        Options {
+            deadline: Duration::from_millis(300),
+            backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(20),
+            ..Options::default()
+        }
+    }
+
+    #[test]
+    fn applies_and_disables_leaving_the_text_as_it_was() {
+        let mut vm = FakeVm::new();
+        let original = vm.text.clone();
+        let mut ledger = Ledger::new();
+        let b = bundle("cmdline", &["cmdline_proc_show"]);
+        let linked = apply(&mut vm, &mut ledger, &b, "d", AREA, &quick(), &|| false).unwrap();
+        let (new, _) = linked.functions["new_cmdline_proc_show"];
+        assert_eq!(vm.site(CMDLINE), jmp_rel32(CMDLINE, new).unwrap());
+        assert_eq!(&vm.area[..5], &NOP5, "patch code loaded, fentry NOPed");
+        disable(&mut vm, &mut ledger, "cmdline", &quick(), &|| false).unwrap();
+        assert_eq!(vm.text, original);
+        let log: Vec<&str> = ledger.events().iter().map(|e| e.what.as_str()).collect();
+        assert_eq!(
+            log,
+            [
+                "accepted",
+                "transition started",
+                "completed",
+                "transition started",
+                "disabled"
+            ]
+        );
+    }
+
+    #[test]
+    fn waits_for_a_blocking_task_then_completes() {
+        let mut vm = FakeVm::new();
+        vm.blocked_attempts.set(2);
+        let mut ledger = Ledger::new();
+        let b = bundle("cmdline", &["cmdline_proc_show"]);
+        apply(&mut vm, &mut ledger, &b, "d", AREA, &quick(), &|| false).unwrap();
+        assert_eq!(vm.pauses, 3);
+        assert!(ledger.events().iter().any(|e| e.what.contains(
+            "blocked by: pid 42 (cat) is inside cmdline_proc_show: cmdline_proc_show+0x20"
+        )));
+    }
+
+    #[test]
+    fn a_deadline_leaves_text_and_patch_area_unchanged() {
+        let mut vm = FakeVm::new();
+        vm.blocked_attempts.set(usize::MAX);
+        let (text, area) = (vm.text.clone(), vm.area.clone());
+        let mut ledger = Ledger::new();
+        let b = bundle("cmdline", &["cmdline_proc_show"]);
+        let err = apply(&mut vm, &mut ledger, &b, "d", AREA, &quick(), &|| false).unwrap_err();
+        assert!(
+            err.to_string().contains("blocked by: pid 42 (cat)"),
+            "{err}"
+        );
+        assert_eq!((vm.text == text, vm.area == area), (true, true));
+        assert!(ledger.bundles().is_empty());
+        // --force writes anyway and says so.
+        let forced = Options {
+            force: true,
+            ..quick()
+        };
+        apply(&mut vm, &mut ledger, &b, "d", AREA, &forced, &|| false).unwrap();
+        assert!(ledger.bundles()[0].forced);
+    }
+
+    #[test]
+    fn a_failed_write_restores_every_site() {
+        let mut vm = FakeVm::new();
+        vm.fail_write_at = Some(2);
+        let (text, area) = (vm.text.clone(), vm.area.clone());
+        let mut ledger = Ledger::new();
+        let b = bundle("two", &["cmdline_proc_show", "meminfo_proc_show"]);
+        let err = apply(&mut vm, &mut ledger, &b, "d", AREA, &quick(), &|| false).unwrap_err();
+        assert!(matches!(err, TransitionError::WriteFailed { .. }), "{err}");
+        assert!(vm.text == text && vm.area == area);
+    }
+
+    #[test]
+    fn refusals_change_nothing() {
+        let mut vm = FakeVm::new();
+        let (text, area) = (vm.text.clone(), vm.area.clone());
+        let mut ledger = Ledger::new();
+        vm.release = "6.1.0-1-amd64".into();
+        let err = apply(
+            &mut vm,
+            &mut ledger,
+            &bundle("a", &["cmdline_proc_show"]),
+            "d",
+            AREA,
+            &quick(),
+            &|| false,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("the guest runs 6.1.0-1-amd64"),
+            "{err}"
+        );
+        vm.release = "6.1.0-53-cloud-amd64".into();
+        let err = apply(
+            &mut vm,
+            &mut ledger,
+            &bundle("b", &["no_such_function"]),
+            "d",
+            AREA,
+            &quick(),
+            &|| false,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("cannot resolve no_such_function"),
+            "{err}"
+        );
+        assert!(vm.text == text && vm.area == area && vm.pauses == 0);
+        let b = bundle("c", &["cmdline_proc_show"]);
+        apply(&mut vm, &mut ledger, &b, "d", AREA, &quick(), &|| false).unwrap();
+        let err = apply(
+            &mut vm,
+            &mut ledger,
+            &b,
+            "d",
+            AREA + 0x10000,
+            &quick(),
+            &|| false,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("already applied"), "{err}");
+        assert!(ledger
+            .events()
+            .iter()
+            .any(|e| e.what.starts_with("rejected: ")));
+    }
+}
