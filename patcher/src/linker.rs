@@ -126,10 +126,18 @@ pub fn link(
             continue;
         }
         let r = region as usize;
-        let align = section.align().max(1);
-        let off = sizes[r].div_ceil(align) * align;
+        let align = section.align().clamp(1, PAGE);
+        let off = sizes[r].div_ceil(align).saturating_mul(align);
         offsets.insert(section.index(), (region, off));
-        sizes[r] = off + section.size();
+        sizes[r] = off.saturating_add(section.size());
+    }
+    // Sizes come from the object's headers: bound them before any arithmetic or
+    // allocation depends on them.
+    if sizes.iter().any(|&s| s > area_size) {
+        return Err(LinkError::TooBig {
+            needed: sizes.iter().fold(0u64, |a, &s| a.saturating_add(s)),
+            available: area_size,
+        });
     }
     let text_addr = base;
     let rodata_addr = text_addr + round_up(sizes[0]);
@@ -162,7 +170,11 @@ pub fn link(
             .data()
             .map_err(|e| LinkError::Format(e.to_string()))?;
         let img = &mut images[region as usize];
-        img[off as usize..off as usize + data.len()].copy_from_slice(data);
+        let dst = (off as usize)
+            .checked_add(data.len())
+            .and_then(|end| img.get_mut(off as usize..end))
+            .ok_or_else(|| LinkError::Format("section data larger than its header says".into()))?;
+        dst.copy_from_slice(data);
     }
     let section_addr = |idx: SectionIndex| -> Option<u64> {
         offsets
@@ -176,7 +188,9 @@ pub fn link(
     let mut symbol_value = |sym: &object::Symbol<'_, '_>| -> Result<Option<u64>, LinkError> {
         let name = sym.name().unwrap_or("");
         match sym.section() {
-            SymbolSection::Section(idx) => Ok(section_addr(idx).map(|a| a + sym.address())),
+            SymbolSection::Section(idx) => {
+                Ok(section_addr(idx).map(|a| a.wrapping_add(sym.address())))
+            }
             SymbolSection::Absolute => Ok(Some(sym.address())),
             SymbolSection::Undefined => {
                 if let Some((_, v)) = imports.iter().find(|(n, _)| n == name) {
@@ -234,14 +248,21 @@ pub fn link(
             let RelocationFlags::Elf { r_type } = reloc.flags() else {
                 return Err(LinkError::Format("not an ELF relocation".into()));
             };
-            let place = region_addr(region) + off + r_off;
             let img = &mut images[region as usize];
-            let at = (off + r_off) as usize;
+            let Some(at) = off.checked_add(r_off).and_then(|a| usize::try_from(a).ok()) else {
+                return Err(LinkError::OutOfBounds {
+                    section: sname,
+                    offset: r_off,
+                });
+            };
+            let place = region_addr(region).wrapping_add(at as u64);
             let width = match r_type {
                 object::elf::R_X86_64_64 => 8,
                 _ => 4,
             };
-            if at + width > img.len() || r_off + width as u64 > section.size() {
+            if at.saturating_add(width) > img.len()
+                || r_off.saturating_add(width as u64) > section.size()
+            {
                 return Err(LinkError::OutOfBounds {
                     section: sname,
                     offset: r_off,

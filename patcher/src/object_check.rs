@@ -69,10 +69,10 @@ fn containing_function(
 ) -> Option<String> {
     file.symbols()
         .filter(|s| s.kind() == SymbolKind::Text && s.section_index() == Some(index))
-        .filter(|s| s.address() <= offset && (offset < s.address() + s.size().max(1)))
+        .filter(|s| s.address() <= offset && offset < s.address().saturating_add(s.size().max(1)))
         .filter_map(|s| s.name().ok().map(|n| (n.to_string(), s.address())))
         .next()
-        .map(|(name, start)| format!("function {name}+{:#x}", offset - start))
+        .map(|(name, start)| format!("function {name}+{:#x}", offset.wrapping_sub(start)))
 }
 
 /// Where a relocation in an unsupported table points: the function using the feature.
