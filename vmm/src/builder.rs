@@ -18,9 +18,13 @@ use crate::console::{self, ConsoleInput, RawTerminal};
 use crate::devices::acpi_power::AcpiPower;
 use crate::devices::bus::Bus;
 use crate::devices::i8042::I8042;
-use crate::devices::serial::{ConsoleOut, SerialDevice};
-use crate::devices::virtio;
+use crate::devices::serial::{ConsoleOut, LineWatch, SerialDevice, SerialSnapshot};
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::persist::MmioSnapshot;
+use crate::devices::virtio::{self, SubscriberManager};
 use crate::guest_image;
+use crate::persist::snapshot::{DiskRef, MachineConfig};
+use crate::persist::vcpu_state;
 use crate::signals;
 use crate::vstate::exit::{ExitReason, ExitSignal};
 use crate::vstate::vcpu::{self, Vcpu, VcpuEvent, VcpuHandle};
@@ -67,14 +71,16 @@ pub enum BuildError {
     EventLoop(String),
     #[error("this host supports at most {max} vCPUs, {asked} requested")]
     TooManyCpus { asked: u8, max: usize },
+    #[error("cannot restore: {0}")]
+    Restore(String),
 }
 
-fn kvm_err(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
+pub(crate) fn kvm_err(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
     let what = what.into();
     move |source| BuildError::Kvm { what, source }
 }
 
-fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BuildError {
+pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BuildError {
     let what = what.into();
     move |source| BuildError::Io { what, source }
 }
@@ -112,7 +118,7 @@ fn boot_files(cfg: &VmConfig) -> Result<BootFiles, BuildError> {
 }
 
 /// Reports progress on stderr (the console owns stdout).
-fn progress(msg: &str) {
+pub(crate) fn progress(msg: &str) {
     eprintln!("vmm: {msg}");
 }
 
@@ -124,10 +130,172 @@ pub struct RunningVm {
     pub stats: Arc<FallbackStats>,
     event_manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     _raw_terminal: Option<RawTerminal>,
+    /// What the VM was built from, for snapshots.
+    pub machine: MachineConfig,
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) block: Option<Arc<Mutex<MmioTransport>>>,
+    pub(crate) msr_indices: Arc<Vec<u32>>,
+    pub(crate) snapshot_trigger: Option<SnapshotTrigger>,
+}
+
+/// The devices of a VM, on their buses.
+pub(crate) struct Devices {
+    pub(crate) io_bus: Bus,
+    pub(crate) mmio_bus: Bus,
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) rx_ready: Arc<EventFd>,
+    pub(crate) block: Option<Arc<Mutex<MmioTransport>>>,
+}
+
+/// Creates COM1, i8042, ACPI power and (with a disk) virtio-blk, fresh or from a snapshot.
+pub(crate) fn create_devices(
+    vm: &Vm,
+    console_cfg: &ConsoleConfig,
+    disk: Option<(std::fs::File, &Path, bool)>,
+    exit: &Arc<ExitSignal>,
+    event_manager: &mut SubscriberManager,
+    saved: Option<(&SerialSnapshot, Option<&MmioSnapshot>)>,
+    watch: Option<LineWatch>,
+) -> Result<Devices, BuildError> {
+    let mut io_bus = Bus::new();
+    let mut mmio_bus = Bus::new();
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+    vm.fd()
+        .register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(kvm_err("cannot route the serial interrupt"))?;
+    let rx_ready = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?);
+    let sink = console::output_sink(console_cfg).map_err(io_err("console"))?;
+    let out = ConsoleOut::new(sink, exit.clone()).with_watch(watch);
+    let serial = match saved {
+        Some((snap, _)) => SerialDevice::restore(serial_irq, rx_ready.clone(), out, snap)
+            .map_err(|e| BuildError::Restore(e.to_string()))?,
+        None => SerialDevice::new(serial_irq, rx_ready.clone(), out),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    io_bus
+        .insert(serial.clone(), u64::from(COM1_PORT), 8)
+        .map_err(|e| BuildError::EventLoop(e.to_string()))?;
+
+    let i8042_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+    vm.fd()
+        .register_irqfd(&i8042_irq, I8042_IRQ)
+        .map_err(kvm_err("cannot route the i8042 interrupt"))?;
+    io_bus
+        .insert(
+            Arc::new(Mutex::new(I8042::new(i8042_irq, exit.clone()))),
+            u64::from(I8042_DATA_PORT),
+            u64::from(I8042_PORT_LEN),
+        )
+        .map_err(|e| BuildError::EventLoop(e.to_string()))?;
+    io_bus
+        .insert(
+            Arc::new(Mutex::new(AcpiPower::new(exit.clone()))),
+            u64::from(ACPI_SLEEP_CONTROL_PORT),
+            2,
+        )
+        .map_err(|e| BuildError::EventLoop(e.to_string()))?;
+
+    // virtio-blk on the first virtio-mmio slot.
+    let block = match disk {
+        Some((file, path, readonly)) => Some(virtio::attach_block(
+            vm,
+            &mut mmio_bus,
+            event_manager,
+            file,
+            path,
+            readonly,
+            VIRTIO_MMIO_START,
+            VIRTIO_FIRST_IRQ,
+            saved.and_then(|(_, b)| b),
+        )?),
+        None => None,
+    };
+    Ok(Devices {
+        io_bus,
+        mmio_bus,
+        serial,
+        rx_ready,
+        block,
+    })
+}
+
+/// Adds the event-loop subscribers (stop signals, console input) and starts the vCPUs.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn start(
+    vm: Vm,
+    vcpus: Vec<Vcpu>,
+    mut event_manager: SubscriberManager,
+    console_cfg: &ConsoleConfig,
+    exit: Arc<ExitSignal>,
+    stats: Arc<FallbackStats>,
+    devices_serial: (Arc<Mutex<SerialDevice>>, Arc<EventFd>),
+    block: Option<Arc<Mutex<MmioTransport>>>,
+    machine: MachineConfig,
+    msr_indices: Arc<Vec<u32>>,
+) -> Result<RunningVm, BuildError> {
+    let (serial, rx_ready) = devices_serial;
+    let stop_evt =
+        signals::install_stop_handlers().map_err(io_err("cannot install signal handlers"))?;
+    event_manager.add_subscriber(Arc::new(Mutex::new(StopWatcher {
+        stop_evt,
+        exit: exit.clone(),
+    })));
+    let raw_terminal = if *console_cfg == ConsoleConfig::Stdio {
+        RawTerminal::enable()
+    } else {
+        None
+    };
+    if *console_cfg == ConsoleConfig::Stdio {
+        let quit_exit = exit.clone();
+        event_manager.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(
+            serial.clone(),
+            rx_ready,
+            raw_terminal.is_some(),
+            Arc::new(move || quit_exit.request(ExitReason::Signal(libc::SIGINT))),
+        ))));
+    }
+    let barrier = Arc::new(Barrier::new(vcpus.len() + 1));
+    let handles = vcpus
+        .into_iter()
+        .map(|v| v.start(barrier.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    barrier.wait();
+    Ok(RunningVm {
+        vm,
+        vcpus: handles,
+        exit,
+        stats,
+        event_manager,
+        _raw_terminal: raw_terminal,
+        machine,
+        serial,
+        block,
+        msr_indices,
+        snapshot_trigger: None,
+    })
+}
+
+/// Snapshot the VM once the console prints a line (`vmm run --snapshot-on-output`).
+#[derive(Debug, Clone)]
+pub struct SnapshotTrigger {
+    pub watch: LineWatch,
+    pub dir: std::path::PathBuf,
+    /// Wait this long after the line before pausing (let the guest settle).
+    pub delay: Duration,
+    /// Stop the VM after the snapshot instead of resuming it.
+    pub stop: bool,
 }
 
 /// Builds the VM described by `cfg` and starts its vCPUs.
 pub fn build_and_start(cfg: &VmConfig) -> Result<RunningVm, BuildError> {
+    build_and_start_with(cfg, None)
+}
+
+/// [`build_and_start`], snapshotting when `snapshot_trigger` fires.
+pub fn build_and_start_with(
+    cfg: &VmConfig,
+    snapshot_trigger: Option<&SnapshotTrigger>,
+) -> Result<RunningVm, BuildError> {
     // Everything that can be checked without KVM is checked first, so bad input never
     // depends on the host.
     let files = boot_files(cfg)?;
@@ -187,65 +355,27 @@ pub fn build_and_start(cfg: &VmConfig) -> Result<RunningVm, BuildError> {
     };
 
     let exit = Arc::new(ExitSignal::new().map_err(io_err("cannot create exit eventfd"))?);
-    let mut event_manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
-        .map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
-
-    // Legacy devices on the port I/O bus.
-    let mut io_bus = Bus::new();
-    let mut mmio_bus = Bus::new();
-    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?;
-    vm.fd()
-        .register_irqfd(&serial_irq, COM1_IRQ)
-        .map_err(kvm_err("cannot route the serial interrupt"))?;
-    let rx_ready = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?);
-    let sink = console::output_sink(&cfg.console).map_err(io_err("console"))?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        serial_irq,
-        rx_ready.clone(),
-        ConsoleOut::new(sink, exit.clone()),
-    )));
-    io_bus
-        .insert(serial.clone(), u64::from(COM1_PORT), 8)
-        .map_err(|e| BuildError::EventLoop(e.to_string()))?;
-
-    let i8042_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?;
-    vm.fd()
-        .register_irqfd(&i8042_irq, I8042_IRQ)
-        .map_err(kvm_err("cannot route the i8042 interrupt"))?;
-    io_bus
-        .insert(
-            Arc::new(Mutex::new(I8042::new(i8042_irq, exit.clone()))),
-            u64::from(I8042_DATA_PORT),
-            u64::from(I8042_PORT_LEN),
-        )
-        .map_err(|e| BuildError::EventLoop(e.to_string()))?;
-    io_bus
-        .insert(
-            Arc::new(Mutex::new(AcpiPower::new(exit.clone()))),
-            u64::from(ACPI_SLEEP_CONTROL_PORT),
-            2,
-        )
-        .map_err(|e| BuildError::EventLoop(e.to_string()))?;
-
-    // virtio-blk on the first virtio-mmio slot.
+    let mut event_manager =
+        SubscriberManager::new().map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
+    let disk_path = cfg.disk.clone();
+    let devices = create_devices(
+        &vm,
+        &cfg.console,
+        match (disk, &disk_path) {
+            (Some(f), Some(p)) => Some((f, p.as_path(), cfg.disk_readonly)),
+            _ => None,
+        },
+        &exit,
+        &mut event_manager,
+        None,
+        snapshot_trigger.map(|t| t.watch.clone()),
+    )?;
     let mut virtio_acpi = Vec::new();
-    if let (Some(file), Some(path)) = (disk, &cfg.disk) {
-        let base = VIRTIO_MMIO_START;
-        let irq = VIRTIO_FIRST_IRQ;
-        virtio::attach_block(
-            &vm,
-            &mut mmio_bus,
-            &mut event_manager,
-            file,
-            path,
-            cfg.disk_readonly,
-            base,
-            irq,
-        )?;
+    if devices.block.is_some() {
         virtio_acpi.push(VirtioMmioAcpi {
-            base,
+            base: VIRTIO_MMIO_START,
             len: VIRTIO_MMIO_SLOT_SIZE,
-            irq,
+            irq: VIRTIO_FIRST_IRQ,
         });
     }
 
@@ -271,8 +401,8 @@ pub fn build_and_start(cfg: &VmConfig) -> Result<RunningVm, BuildError> {
     // vCPUs.
     vcpu::install_kick_handler()?;
     let stats = Arc::new(FallbackStats::default());
-    let io_bus = Arc::new(io_bus);
-    let mmio_bus = Arc::new(mmio_bus);
+    let io_bus = Arc::new(devices.io_bus);
+    let mmio_bus = Arc::new(devices.mmio_bus);
     let supported = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(vm::VmError::SupportedCpuid)?;
@@ -316,28 +446,6 @@ pub fn build_and_start(cfg: &VmConfig) -> Result<RunningVm, BuildError> {
         ));
     }
 
-    // Event loop subscribers: exit, stop signals, console input.
-    let stop_evt =
-        signals::install_stop_handlers().map_err(io_err("cannot install signal handlers"))?;
-    event_manager.add_subscriber(Arc::new(Mutex::new(StopWatcher {
-        stop_evt,
-        exit: exit.clone(),
-    })));
-    let raw_terminal = if cfg.console == ConsoleConfig::Stdio {
-        RawTerminal::enable()
-    } else {
-        None
-    };
-    if cfg.console == ConsoleConfig::Stdio {
-        let quit_exit = exit.clone();
-        event_manager.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(
-            serial,
-            rx_ready,
-            raw_terminal.is_some(),
-            Arc::new(move || quit_exit.request(ExitReason::Signal(libc::SIGINT))),
-        ))));
-    }
-
     progress(&format!(
         "booting {} ({} vCPU{}, {} MiB, cpu template {})",
         files.kernel_name,
@@ -348,29 +456,46 @@ pub fn build_and_start(cfg: &VmConfig) -> Result<RunningVm, BuildError> {
     ));
     tracing::info!("kernel command line: {cmdline}");
 
-    let barrier = Arc::new(Barrier::new(vcpus.len() + 1));
-    let handles = vcpus
-        .into_iter()
-        .map(|v| v.start(barrier.clone()))
-        .collect::<Result<Vec<_>, _>>()?;
-    barrier.wait();
-
-    Ok(RunningVm {
+    let machine = MachineConfig {
+        cpus: cfg.cpus,
+        memory_mib: cfg.memory_mib,
+        cpu_template: cfg.cpu_template.resolve(),
+        cmdline,
+        disk: disk_path.map(|path| DiskRef {
+            path,
+            readonly: cfg.disk_readonly,
+            size: 0,
+            sha256: String::new(),
+        }),
+    };
+    let msr_indices =
+        Arc::new(vcpu_state::msr_indices(&kvm).map_err(|e| BuildError::Restore(e.to_string()))?);
+    let mut running = start(
         vm,
-        vcpus: handles,
+        vcpus,
+        event_manager,
+        &cfg.console,
         exit,
         stats,
-        event_manager,
-        _raw_terminal: raw_terminal,
-    })
+        (devices.serial, devices.rx_ready),
+        devices.block,
+        machine,
+        msr_indices,
+    )?;
+    running.snapshot_trigger = snapshot_trigger.cloned();
+    Ok(running)
 }
 
 impl RunningVm {
     /// Runs the device event loop until the guest or the host stops the VM, then
     /// stops every vCPU thread and returns why.
     pub fn run_until_exit(mut self) -> ExitReason {
+        let mut trigger_seen_at: Option<std::time::Instant> = None;
         let reason = loop {
             if let Some(reason) = self.exit.reason() {
+                break reason;
+            }
+            if let Some(reason) = self.poll_snapshot_trigger(&mut trigger_seen_at) {
                 break reason;
             }
             if let Err(e) = self.event_manager.run_with_timeout(100) {
@@ -387,6 +512,44 @@ impl RunningVm {
         }
         tracing::debug!("emulation fallbacks: {}", self.stats.summary());
         reason
+    }
+}
+
+impl RunningVm {
+    /// Takes the `--snapshot-on-output` snapshot once its line was seen and the delay
+    /// passed; returns an exit reason when the VM must stop.
+    fn poll_snapshot_trigger(
+        &mut self,
+        seen_at: &mut Option<std::time::Instant>,
+    ) -> Option<ExitReason> {
+        let trigger = self.snapshot_trigger.clone()?;
+        if !trigger
+            .watch
+            .seen
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return None;
+        }
+        let since = *seen_at.get_or_insert_with(std::time::Instant::now);
+        if since.elapsed() < trigger.delay {
+            return None;
+        }
+        self.snapshot_trigger = None;
+        match self.snapshot(&trigger.dir, trigger.stop) {
+            Ok(info) => {
+                progress(&format!(
+                    "snapshot written to {} (state {} bytes, memory {} MiB, vCPUs paused {:.1} ms)",
+                    info.dir.display(),
+                    info.state_bytes,
+                    info.memory_bytes >> 20,
+                    info.paused_for.as_secs_f64() * 1000.0
+                ));
+                trigger
+                    .stop
+                    .then(|| ExitReason::Snapshotted(info.dir.display().to_string()))
+            }
+            Err(e) => Some(ExitReason::Fatal(format!("snapshot failed: {e}"))),
+        }
     }
 }
 

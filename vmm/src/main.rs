@@ -66,9 +66,25 @@ struct RunArgs {
     /// Initrd for --kernel.
     #[arg(long, requires = "kernel")]
     initrd: Option<PathBuf>,
-    /// Root disk for --kernel (attached as virtio-blk, /dev/vda).
-    #[arg(long, requires = "kernel")]
+    /// Root disk for --kernel (attached as virtio-blk, /dev/vda); with --restore, a copy of
+    /// the snapshot's disk to use instead of the original.
+    #[arg(long)]
     disk: Option<PathBuf>,
+    /// Resume the VM saved in this snapshot directory instead of booting.
+    #[arg(long, conflicts_with_all = ["image", "kernel", "initrd", "cmdline", "append"])]
+    restore: Option<PathBuf>,
+    /// Snapshot the VM into --snapshot-dir when a console line contains this text.
+    #[arg(long, requires = "snapshot_dir")]
+    snapshot_on_output: Option<String>,
+    /// Where --snapshot-on-output writes the snapshot.
+    #[arg(long, requires = "snapshot_on_output")]
+    snapshot_dir: Option<PathBuf>,
+    /// Seconds to wait after the line before taking the snapshot.
+    #[arg(long, default_value_t = 0.0)]
+    snapshot_delay: f64,
+    /// Stop the VM after the snapshot (exit status 0) instead of letting it run on.
+    #[arg(long)]
+    snapshot_stop: bool,
     /// Attach the disk read-only.
     #[arg(long)]
     readonly: bool,
@@ -103,6 +119,30 @@ fn init_logging(filter: &str) {
 }
 
 fn run(args: RunArgs) -> Result<i32, String> {
+    if let Some(dir) = &args.restore {
+        warn_about_host_limits();
+        let vm = vmm::persist::vm_snapshot::restore_and_start(dir, args.disk, &args.console)
+            .map_err(|e| e.to_string())?;
+        return Ok(finish(vm));
+    }
+    if args.disk.is_some() && args.kernel.is_none() {
+        return Err("--disk goes with --kernel or --restore (an image is its own disk)".into());
+    }
+    if !(0.0..=86400.0).contains(&args.snapshot_delay) {
+        return Err("--snapshot-delay must be between 0 and 86400 seconds".into());
+    }
+    let trigger = match (args.snapshot_on_output, args.snapshot_dir) {
+        (Some(needle), Some(dir)) => Some(vmm::builder::SnapshotTrigger {
+            watch: vmm::devices::serial::LineWatch {
+                needle,
+                seen: Default::default(),
+            },
+            dir,
+            delay: std::time::Duration::from_secs_f64(args.snapshot_delay),
+            stop: args.snapshot_stop,
+        }),
+        _ => None,
+    };
     let (cpus, memory_mib) =
         VmConfig::validate(args.cpus, args.memory).map_err(|e| e.to_string())?;
     let (boot, disk) = match (args.image, args.kernel) {
@@ -128,12 +168,18 @@ fn run(args: RunArgs) -> Result<i32, String> {
         console: args.console,
     };
     warn_about_host_limits();
-    let vm = vmm::builder::build_and_start(&cfg).map_err(|e| e.to_string())?;
+    let vm =
+        vmm::builder::build_and_start_with(&cfg, trigger.as_ref()).map_err(|e| e.to_string())?;
+    Ok(finish(vm))
+}
+
+/// Runs the VM to its end and reports why it ended.
+fn finish(vm: vmm::builder::RunningVm) -> i32 {
     let reason = vm.run_until_exit();
     if let Some(msg) = reason.message() {
         eprintln!("vmm: {msg}");
     }
-    Ok(reason.exit_code())
+    reason.exit_code()
 }
 
 /// One warning line when this host's KVM cannot run guest user space (see docs/pvm.md).

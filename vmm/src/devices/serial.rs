@@ -40,11 +40,19 @@ impl SerialEvents for RxReady {
 const PANIC_MARKER: &str = "Kernel panic - not syncing";
 const MAX_LINE: usize = 512;
 
+/// A console line the VMM waits for (e.g. to snapshot once the guest is ready).
+#[derive(Debug, Clone)]
+pub struct LineWatch {
+    pub needle: String,
+    pub seen: Arc<std::sync::atomic::AtomicBool>,
+}
+
 /// Console output sink that also watches for a kernel panic line.
 pub struct ConsoleOut {
     sink: Box<dyn Write + Send>,
     line: Vec<u8>,
     exit: Arc<ExitSignal>,
+    watch: Option<LineWatch>,
 }
 
 impl ConsoleOut {
@@ -53,7 +61,14 @@ impl ConsoleOut {
             sink,
             line: Vec::with_capacity(128),
             exit,
+            watch: None,
         }
+    }
+
+    /// Also raises `watch.seen` (and wakes the VMM thread) when a line contains its needle.
+    pub fn with_watch(mut self, watch: Option<LineWatch>) -> Self {
+        self.watch = watch;
+        self
     }
 
     fn scan(&mut self, buf: &[u8]) {
@@ -62,6 +77,12 @@ impl ConsoleOut {
                 let text = String::from_utf8_lossy(&self.line);
                 if let Some(pos) = text.find(PANIC_MARKER) {
                     self.exit.note_panic(text[pos..].trim_end().to_string());
+                }
+                if let Some(w) = &self.watch {
+                    if text.contains(&w.needle) {
+                        w.seen.store(true, std::sync::atomic::Ordering::Release);
+                        let _ = self.exit.eventfd().write(1);
+                    }
                 }
                 self.line.clear();
             } else if b != b'\r' {

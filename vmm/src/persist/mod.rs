@@ -3,8 +3,10 @@
 //! privately (copy-on-write, loaded lazily).
 
 pub mod memory_file;
+pub mod snapshot;
 pub mod state_file;
 pub mod vcpu_state;
+pub mod vm_snapshot;
 pub mod vm_state;
 
 #[cfg(test)]

@@ -19,13 +19,15 @@ pub enum ExitReason {
     Fatal(String),
     /// SIGINT or SIGTERM.
     Signal(i32),
+    /// A snapshot was written and the VM stopped on request (`--snapshot-stop`).
+    Snapshotted(String),
 }
 
 impl ExitReason {
     /// Process exit status for this reason.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ExitReason::Poweroff | ExitReason::Reset => 0,
+            ExitReason::Poweroff | ExitReason::Reset | ExitReason::Snapshotted(_) => 0,
             ExitReason::GuestPanic(_) => 2,
             ExitReason::TripleFault { .. } => 3,
             ExitReason::Fatal(_) => 1,
@@ -41,6 +43,7 @@ impl ExitReason {
             ExitReason::TripleFault { vcpu } => Some(format!("vCPU {vcpu} triple fault: the guest reset the CPU after an unrecoverable exception")),
             ExitReason::Fatal(msg) => Some(msg.clone()),
             ExitReason::Signal(sig) => Some(format!("stopped by signal {sig}")),
+            ExitReason::Snapshotted(dir) => Some(format!("snapshot written to {dir}; VM stopped")),
         }
     }
 }

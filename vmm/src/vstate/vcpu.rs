@@ -16,6 +16,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::x86_64::emulate::{self, EmulateError, Fallback, FallbackStats, GuestCpuAccess};
 use crate::devices::bus::Bus;
+use crate::persist::vcpu_state::{self, VcpuState};
 use crate::vstate::exit::{ExitReason, ExitSignal};
 
 /// Signal used to kick a vCPU thread out of `KVM_RUN`.
@@ -34,19 +35,33 @@ const MAX_INSN_LEN: usize = 15;
 const MAX_STALE_CODE_RETRIES: u32 = 3;
 
 /// Messages to a vCPU thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VcpuEvent {
     Pause,
     Resume,
     Finish,
+    /// While paused: complete any pending I/O and save the vCPU's state (these MSRs).
+    SaveState(Arc<Vec<u32>>),
 }
 
 /// Replies from a vCPU thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuResponse {
     Paused,
     Resumed,
     Finished,
+    State(Box<Result<VcpuState, String>>),
+}
+
+impl PartialEq for VcpuResponse {
+    fn eq(&self, other: &Self) -> bool {
+        matches!(
+            (self, other),
+            (VcpuResponse::Paused, VcpuResponse::Paused)
+                | (VcpuResponse::Resumed, VcpuResponse::Resumed)
+                | (VcpuResponse::Finished, VcpuResponse::Finished)
+        )
+    }
 }
 
 /// Errors of vCPU control.
@@ -241,6 +256,11 @@ impl Vcpu {
                 VcpuEvent::Resume => {
                     let _ = responses.send(VcpuResponse::Resumed);
                 }
+                VcpuEvent::SaveState(_) => {
+                    let _ = responses.send(VcpuResponse::State(Box::new(Err(
+                        "vCPU is running; pause it first".into(),
+                    ))));
+                }
                 VcpuEvent::Pause => {
                     // Tell the guest it was stopped, so its watchdogs forgive the gap.
                     if let Err(e) = self.fd.kvmclock_ctrl() {
@@ -255,6 +275,9 @@ impl Vcpu {
                             }
                             Ok(VcpuEvent::Pause) => {
                                 let _ = responses.send(VcpuResponse::Paused);
+                            }
+                            Ok(VcpuEvent::SaveState(msrs)) => {
+                                let _ = responses.send(self.save_state(&msrs));
                             }
                             Ok(VcpuEvent::Finish) | Err(_) => return true,
                         }
@@ -279,8 +302,20 @@ impl Vcpu {
                 Ok(VcpuEvent::Resume) => {
                     let _ = responses.send(VcpuResponse::Resumed);
                 }
+                Ok(VcpuEvent::SaveState(msrs)) => {
+                    let _ = responses.send(self.save_state(&msrs));
+                }
             }
         }
+    }
+
+    /// Saves this (paused) vCPU, after finishing the I/O access it exited for.
+    fn save_state(&mut self, msrs: &[u32]) -> VcpuResponse {
+        let id = self.id;
+        let result = vcpu_state::complete_pending_io(&mut self.fd, id)
+            .and_then(|_| vcpu_state::save(&self.fd, id, msrs))
+            .map_err(|e| e.to_string());
+        VcpuResponse::State(Box::new(result))
     }
 
     fn stop(&self, reason: ExitReason) -> Result<Flow, Interrupted> {

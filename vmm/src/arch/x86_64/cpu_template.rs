@@ -12,7 +12,18 @@
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
 /// A named set of CPUID masks plus the guest options it needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum CpuTemplate {
     /// `pvm` when the host's KVM is PVM (guest kernel code emulated), else `conservative`.
     #[default]

@@ -164,8 +164,9 @@ pub trait VirtioDevice: Send {
 /// The event manager type the VMM runs its devices on.
 pub type SubscriberManager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
-/// Places `device` behind a new virtio-mmio transport at `base` on `mmio_bus`, routes its
-/// interrupt to `gsi` (irqfd) and its queue notifications to ioeventfds.
+/// Places `device` behind a virtio-mmio transport at `base` on `mmio_bus` (new, or in the
+/// state `snapshot` describes), routes its interrupt to `gsi` (irqfd) and its queue
+/// notifications to ioeventfds, and returns the transport.
 ///
 /// The caller still has to add the device to the event loop (see [`attach_block`]).
 pub fn attach_mmio_device(
@@ -174,8 +175,12 @@ pub fn attach_mmio_device(
     device: Arc<Mutex<dyn VirtioDevice>>,
     base: u64,
     gsi: u32,
-) -> Result<(), VirtioError> {
-    let transport = mmio::MmioTransport::new(vm.memory().clone(), device)?;
+    snapshot: Option<&persist::MmioSnapshot>,
+) -> Result<Arc<Mutex<mmio::MmioTransport>>, VirtioError> {
+    let transport = match snapshot {
+        Some(snap) => mmio::MmioTransport::restore(vm.memory().clone(), device, snap)?,
+        None => mmio::MmioTransport::new(vm.memory().clone(), device)?,
+    };
     vm.fd()
         .register_irqfd(transport.interrupt().irq_evt(), gsi)
         .map_err(|source| VirtioError::Irqfd { gsi, source })?;
@@ -189,12 +194,14 @@ pub fn attach_mmio_device(
                 source,
             })?;
     }
-    mmio_bus.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SLOT_SIZE)?;
-    Ok(())
+    let transport = Arc::new(Mutex::new(transport));
+    mmio_bus.insert(transport.clone(), base, VIRTIO_MMIO_SLOT_SIZE)?;
+    Ok(transport)
 }
 
 /// Creates a virtio-blk device for `file` (opened read-write unless `read_only`), places it
-/// on the virtio-mmio slot at `base` with interrupt `gsi`, and adds it to `event_manager`.
+/// on the virtio-mmio slot at `base` with interrupt `gsi` (in the state `snapshot`
+/// describes, if given), and adds it to `event_manager`.
 /// The disk serial (GET_ID) is derived from the file name of `path`.
 #[allow(clippy::too_many_arguments)]
 pub fn attach_block(
@@ -206,17 +213,18 @@ pub fn attach_block(
     read_only: bool,
     base: u64,
     gsi: u32,
-) -> Result<(), VirtioError> {
+    snapshot: Option<&persist::MmioSnapshot>,
+) -> Result<Arc<Mutex<mmio::MmioTransport>>, VirtioError> {
     let serial = block::serial_from_path(path);
     let blk = Arc::new(Mutex::new(block::Block::new(file, read_only, &serial)?));
-    attach_mmio_device(vm, mmio_bus, blk.clone(), base, gsi)?;
+    let transport = attach_mmio_device(vm, mmio_bus, blk.clone(), base, gsi, snapshot)?;
     event_manager.add_subscriber(blk);
     tracing::debug!(
         "virtio-blk {} at {base:#x}, GSI {gsi}{}",
         path.display(),
         if read_only { " (read-only)" } else { "" }
     );
-    Ok(())
+    Ok(transport)
 }
 
 #[cfg(test)]

@@ -1,0 +1,227 @@
+//! A whole-VM snapshot: what `vmm snapshot` writes and `vmm run --restore` reads.
+//! `DIR/state` is the state file (`state_file`), `DIR/memory` the guest memory file.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::memory_file::RamLayout;
+use super::vcpu_state::VcpuState;
+use super::vm_state::VmState;
+use crate::arch::x86_64::cpu_template::CpuTemplate;
+use crate::devices::serial::SerialSnapshot;
+use crate::devices::virtio::persist::MmioSnapshot;
+
+/// File names inside a snapshot directory.
+pub const STATE_FILE: &str = "state";
+pub const MEMORY_FILE: &str = "memory";
+
+/// Errors of whole-VM snapshots.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{0}")]
+    StateFile(#[from] super::state_file::StateFileError),
+    #[error("{0}")]
+    MemoryFile(#[from] super::memory_file::MemoryFileError),
+    #[error("{0}")]
+    VmState(#[from] super::vm_state::VmStateError),
+    #[error("cannot create snapshot directory {path}: {source}")]
+    Dir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot read disk {path}: {source}")]
+    Disk {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("disk {path} is not the one the snapshot was taken with ({why})")]
+    DiskChanged { path: String, why: String },
+    #[error("snapshot was taken with cpu template {saved}; this host provides {here}")]
+    CpuTemplate { saved: String, here: String },
+    #[error("snapshot is inconsistent: {0}")]
+    Inconsistent(String),
+    #[error("vCPU control: {0}")]
+    Vcpu(String),
+}
+
+/// The disk a snapshot refers to, and how to recognise it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRef {
+    pub path: PathBuf,
+    pub readonly: bool,
+    pub size: u64,
+    /// SHA-256 of the whole disk at snapshot time (hex).
+    pub sha256: String,
+}
+
+/// What the VM was built from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineConfig {
+    pub cpus: u8,
+    pub memory_mib: u64,
+    pub cpu_template: CpuTemplate,
+    pub cmdline: String,
+    pub disk: Option<DiskRef>,
+}
+
+/// Everything needed to resume a VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmSnapshot {
+    pub machine: MachineConfig,
+    pub ram: RamLayout,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub serial: SerialSnapshot,
+    pub block: Option<MmioSnapshot>,
+}
+
+impl std::fmt::Debug for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmState").finish_non_exhaustive()
+    }
+}
+
+impl VmSnapshot {
+    /// Checks the parts agree with each other (a crafted or mixed-up state file).
+    pub fn validate(&self) -> Result<(), SnapshotError> {
+        let bad = |m: String| Err(SnapshotError::Inconsistent(m));
+        if self.vcpus.len() != usize::from(self.machine.cpus) || self.vcpus.is_empty() {
+            return bad(format!(
+                "{} vCPU states for {} vCPUs",
+                self.vcpus.len(),
+                self.machine.cpus
+            ));
+        }
+        for (i, v) in self.vcpus.iter().enumerate() {
+            if usize::from(v.id) != i {
+                return bad(format!("vCPU state {i} has id {}", v.id));
+            }
+        }
+        let ram: u64 = self.ram.iter().map(|r| r.1).sum();
+        if ram != self.machine.memory_mib << 20 {
+            return bad(format!(
+                "{ram} bytes of RAM regions for {} MiB",
+                self.machine.memory_mib
+            ));
+        }
+        if self.block.is_some() != self.machine.disk.is_some() {
+            return bad("disk and block device state disagree".into());
+        }
+        Ok(())
+    }
+}
+
+/// Size and SHA-256 of a disk image.
+pub fn disk_identity(path: &Path) -> Result<(u64, String), SnapshotError> {
+    let err = |source| SnapshotError::Disk {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(err)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(err)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    let hex = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((size, hex))
+}
+
+/// Checks that `path` holds the disk `disk` describes.
+pub fn check_disk(disk: &DiskRef, path: &Path) -> Result<(), SnapshotError> {
+    let (size, sha) = disk_identity(path)?;
+    let changed = |why: String| SnapshotError::DiskChanged {
+        path: path.display().to_string(),
+        why,
+    };
+    if size != disk.size {
+        return Err(changed(format!(
+            "{size} bytes, the snapshot's disk had {}",
+            disk.size
+        )));
+    }
+    if sha != disk.sha256 {
+        return Err(changed("its contents differ".into()));
+    }
+    Ok(())
+}
+
+/// Checks that this host can give the guest the CPU it was snapshotted with.
+pub fn check_cpu_template(saved: CpuTemplate) -> Result<(), SnapshotError> {
+    let here = CpuTemplate::Auto.resolve();
+    let ok = match saved {
+        // The pvm template's guest options and masks only make sense under PVM, and a
+        // guest started elsewhere has never been through PVM's emulator.
+        CpuTemplate::Pvm => here == CpuTemplate::Pvm,
+        CpuTemplate::Conservative => true,
+        CpuTemplate::Host => here != CpuTemplate::Pvm,
+        CpuTemplate::Auto => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(SnapshotError::CpuTemplate {
+            saved: saved.name().into(),
+            here: here.name().into(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_identity_detects_changes() {
+        let dir = std::env::temp_dir().join(format!("vmm-snapdisk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = dir.join("disk");
+        std::fs::write(&disk, vec![7u8; 3 << 20]).unwrap();
+        let (size, sha256) = disk_identity(&disk).unwrap();
+        let r = DiskRef {
+            path: disk.clone(),
+            readonly: false,
+            size,
+            sha256,
+        };
+        check_disk(&r, &disk).unwrap();
+        let copy = dir.join("copy");
+        std::fs::copy(&disk, &copy).unwrap();
+        check_disk(&r, &copy).unwrap();
+        let mut data = std::fs::read(&disk).unwrap();
+        data[12345] = 8;
+        std::fs::write(&copy, &data).unwrap();
+        assert!(check_disk(&r, &copy)
+            .unwrap_err()
+            .to_string()
+            .contains("contents differ"));
+        std::fs::write(&copy, &data[..4096]).unwrap();
+        assert!(check_disk(&r, &copy)
+            .unwrap_err()
+            .to_string()
+            .contains("4096 bytes"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn cpu_template_rules() {
+        assert!(check_cpu_template(CpuTemplate::Conservative).is_ok());
+        assert!(check_cpu_template(CpuTemplate::Auto).is_err());
+        let pvm_here = CpuTemplate::Auto.resolve() == CpuTemplate::Pvm;
+        assert_eq!(check_cpu_template(CpuTemplate::Pvm).is_ok(), pvm_here);
+        assert_eq!(check_cpu_template(CpuTemplate::Host).is_ok(), !pvm_here);
+    }
+}

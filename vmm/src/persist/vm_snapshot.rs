@@ -1,0 +1,241 @@
+//! Taking a snapshot of a running VM and starting a VM from one.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::arch::x86_64::emulate::FallbackStats;
+use crate::builder::{self, kvm_err, progress, BuildError, RunningVm};
+use crate::config::ConsoleConfig;
+use crate::vstate::exit::ExitSignal;
+use crate::vstate::vcpu::{self, Vcpu, VcpuEvent, VcpuResponse};
+use crate::vstate::vm::{self, Vm};
+
+use super::snapshot::{
+    check_cpu_template, check_disk, disk_identity, SnapshotError, VmSnapshot, MEMORY_FILE,
+    STATE_FILE,
+};
+use super::{memory_file, state_file, vcpu_state, vm_state};
+
+/// How long a vCPU may take to answer a control request.
+const VCPU_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a snapshot took.
+#[derive(Debug, Clone)]
+pub struct SnapshotInfo {
+    pub dir: PathBuf,
+    pub state_bytes: u64,
+    pub memory_bytes: u64,
+    /// Wall time with the vCPUs paused.
+    pub paused_for: Duration,
+}
+
+impl RunningVm {
+    /// Stops every vCPU outside `KVM_RUN`.
+    pub fn pause_vcpus(&self) -> Result<(), SnapshotError> {
+        for v in &self.vcpus {
+            v.send(VcpuEvent::Pause)
+                .map_err(|e| SnapshotError::Vcpu(e.to_string()))?;
+        }
+        for v in &self.vcpus {
+            match v.wait(VCPU_TIMEOUT) {
+                Ok(VcpuResponse::Paused) => {}
+                Ok(other) => return Err(SnapshotError::Vcpu(format!("vCPU {}: {other:?}", v.id))),
+                Err(e) => return Err(SnapshotError::Vcpu(e.to_string())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets every vCPU run again.
+    pub fn resume_vcpus(&self) -> Result<(), SnapshotError> {
+        for v in &self.vcpus {
+            v.send(VcpuEvent::Resume)
+                .map_err(|e| SnapshotError::Vcpu(e.to_string()))?;
+            match v.wait(VCPU_TIMEOUT) {
+                Ok(VcpuResponse::Resumed) => {}
+                Ok(other) => return Err(SnapshotError::Vcpu(format!("vCPU {}: {other:?}", v.id))),
+                Err(e) => return Err(SnapshotError::Vcpu(e.to_string())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Pauses the VM, writes `dir/state` and `dir/memory`, and resumes it unless `stop`.
+    /// Runs on the VMM thread, so the device event loop is idle meanwhile.
+    pub fn snapshot(&mut self, dir: &Path, stop: bool) -> Result<SnapshotInfo, SnapshotError> {
+        std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Dir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let started = Instant::now();
+        self.pause_vcpus()?;
+        let result = self.write_snapshot(dir);
+        let paused_for = started.elapsed();
+        if !stop {
+            self.resume_vcpus()?;
+        }
+        let (state_bytes, memory_bytes) = result?;
+        Ok(SnapshotInfo {
+            dir: dir.to_path_buf(),
+            state_bytes,
+            memory_bytes,
+            paused_for,
+        })
+    }
+
+    fn write_snapshot(&self, dir: &Path) -> Result<(u64, u64), SnapshotError> {
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            v.send(VcpuEvent::SaveState(self.msr_indices.clone()))
+                .map_err(|e| SnapshotError::Vcpu(e.to_string()))?;
+            match v.wait(VCPU_TIMEOUT) {
+                Ok(VcpuResponse::State(state)) => {
+                    vcpus.push((*state).map_err(SnapshotError::Vcpu)?);
+                }
+                Ok(other) => return Err(SnapshotError::Vcpu(format!("vCPU {}: {other:?}", v.id))),
+                Err(e) => return Err(SnapshotError::Vcpu(e.to_string())),
+            }
+        }
+        let mut machine = self.machine.clone();
+        if let Some(disk) = &mut machine.disk {
+            let (size, sha256) = disk_identity(&disk.path)?;
+            disk.size = size;
+            disk.sha256 = sha256;
+        }
+        let snapshot = VmSnapshot {
+            machine,
+            ram: memory_file::layout(self.vm.memory()),
+            vm: vm_state::save(self.vm.fd())?,
+            vcpus,
+            serial: self
+                .serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .save_state(),
+            block: self
+                .block
+                .as_ref()
+                .map(|b| b.lock().unwrap_or_else(|e| e.into_inner()).save_state()),
+        };
+        let memory_path = dir.join(MEMORY_FILE);
+        memory_file::write(self.vm.memory(), &memory_path)?;
+        let state_path = dir.join(STATE_FILE);
+        state_file::write(&state_path, &snapshot)?;
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        Ok((size(&state_path), size(&memory_path)))
+    }
+}
+
+/// Starts a VM from the snapshot in `dir`: memory mapped privately from `dir/memory`,
+/// devices and vCPUs in their saved state. `disk` replaces the snapshot's disk path (a
+/// private copy, say); either way the disk must be the one the snapshot was taken with.
+/// Nothing runs unless every part restored.
+pub fn restore_and_start(
+    dir: &Path,
+    disk: Option<PathBuf>,
+    console: &ConsoleConfig,
+) -> Result<RunningVm, BuildError> {
+    let started = Instant::now();
+    let restore_err = |e: SnapshotError| BuildError::Restore(e.to_string());
+    let snap: VmSnapshot =
+        state_file::read(&dir.join(STATE_FILE)).map_err(|e| restore_err(e.into()))?;
+    snap.validate().map_err(restore_err)?;
+    check_cpu_template(snap.machine.cpu_template).map_err(restore_err)?;
+    let disk_file = match &snap.machine.disk {
+        Some(d) => {
+            let path = disk.clone().unwrap_or_else(|| d.path.clone());
+            check_disk(d, &path).map_err(restore_err)?;
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(!d.readonly)
+                .open(&path)
+                .map_err(|source| BuildError::Disk {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            Some((file, path, d.readonly))
+        }
+        None => None,
+    };
+    let memory = memory_file::map_private(&dir.join(MEMORY_FILE), &snap.ram)
+        .map_err(|e| restore_err(e.into()))?;
+
+    let kvm = vm::open_kvm()?;
+    let vm = Vm::new(&kvm, memory)?;
+    vm_state::restore(vm.fd(), &snap.vm).map_err(|e| restore_err(e.into()))?;
+    let exit = Arc::new(ExitSignal::new().map_err(builder::io_err("cannot create exit eventfd"))?);
+    let mut event_manager = crate::devices::virtio::SubscriberManager::new()
+        .map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
+    let devices = builder::create_devices(
+        &vm,
+        console,
+        disk_file
+            .as_ref()
+            .map(|(f, p, ro)| f.try_clone().map(|f| (f, p.as_path(), *ro)))
+            .transpose()
+            .map_err(builder::io_err("disk"))?,
+        &exit,
+        &mut event_manager,
+        Some((&snap.serial, snap.block.as_ref())),
+        None,
+    )?;
+
+    vcpu::install_kick_handler()?;
+    let stats = Arc::new(FallbackStats::default());
+    let io_bus = Arc::new(devices.io_bus);
+    let mmio_bus = Arc::new(devices.mmio_bus);
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(vm::VmError::SupportedCpuid)?;
+    let mut vcpus = Vec::with_capacity(snap.vcpus.len());
+    for state in &snap.vcpus {
+        let id = state.id;
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err(format!("cannot create vCPU {id}")))?;
+        let mut cpuid = supported.clone();
+        snap.machine
+            .cpu_template
+            .apply(&mut cpuid, id, snap.machine.cpus);
+        fd.set_cpuid2(&cpuid)
+            .map_err(kvm_err(format!("vCPU {id}: KVM_SET_CPUID2")))?;
+        vcpu_state::restore(&fd, state).map_err(|e| BuildError::Restore(e.to_string()))?;
+        vcpus.push(Vcpu::new(
+            id,
+            fd,
+            io_bus.clone(),
+            mmio_bus.clone(),
+            vm.memory().clone(),
+            exit.clone(),
+            stats.clone(),
+        ));
+    }
+    let msr_indices =
+        Arc::new(vcpu_state::msr_indices(&kvm).map_err(|e| BuildError::Restore(e.to_string()))?);
+    let mut machine = snap.machine.clone();
+    if let (Some(d), Some((_, path, _))) = (&mut machine.disk, &disk_file) {
+        d.path = path.clone();
+    }
+    progress(&format!(
+        "restored {} ({} vCPU{}, {} MiB) in {:.1} ms",
+        dir.display(),
+        machine.cpus,
+        if machine.cpus == 1 { "" } else { "s" },
+        machine.memory_mib,
+        started.elapsed().as_secs_f64() * 1000.0
+    ));
+    builder::start(
+        vm,
+        vcpus,
+        event_manager,
+        console,
+        exit,
+        stats,
+        (devices.serial, devices.rx_ready),
+        devices.block,
+        machine,
+        msr_indices,
+    )
+}
