@@ -239,3 +239,133 @@ pub fn restore_and_start(
         msr_indices,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::x86_64::boot::ram_regions;
+    use crate::arch::x86_64::cpu_template::CpuTemplate;
+    use crate::arch::x86_64::regs;
+    use crate::devices::serial::{ConsoleOut, SerialDevice};
+    use crate::persist::snapshot::MachineConfig;
+    use crate::vstate::exit::ExitReason;
+    use crate::vstate::vm::{allocate_memory, open_kvm};
+    use kvm_ioctls::VcpuExit;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    /// Prints 'a'..'z' on COM1, one `out` each, then powers off through ACPI S5.
+    const ALPHABET: &[u8] = &[
+        0x31, 0xdb, 0x88, 0xd8, 0x04, 0x61, 0x66, 0xba, 0xf8, 0x03, 0xee, 0x48, 0xff, 0xc3, 0x48,
+        0x83, 0xfb, 0x1a, 0x75, 0xee, 0xb0, 0x34, 0x66, 0xba, 0xc0, 0x03, 0xee, 0xf4,
+    ];
+    const CODE: u64 = 0x1_0000;
+
+    /// Runs the alphabet guest until it has printed `n` letters and saves it as a
+    /// snapshot directory, as `RunningVm::snapshot` would.
+    fn snapshot_after(n: usize, dir: &Path) {
+        let kvm = open_kvm().expect("this test needs a working /dev/kvm");
+        let vm = Vm::new(&kvm, allocate_memory(&ram_regions(2 << 20)).unwrap()).unwrap();
+        vm.memory()
+            .write_slice(ALPHABET, GuestAddress(CODE))
+            .unwrap();
+        let mut fd = vm.fd().create_vcpu(0).unwrap();
+        let template = CpuTemplate::Auto.resolve();
+        let mut cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .unwrap();
+        template.apply(&mut cpuid, 0, 1);
+        fd.set_cpuid2(&cpuid).unwrap();
+        let mut sregs = fd.get_sregs().unwrap();
+        regs::setup_long_mode(vm.memory(), &mut sregs).unwrap();
+        fd.set_sregs(&sregs).unwrap();
+        fd.set_regs(&regs::boot_regs(GuestAddress(CODE))).unwrap();
+        let mut printed = 0;
+        while printed < n {
+            if let VcpuExit::IoOut(0x3f8, _) = fd.run().unwrap() {
+                printed += 1;
+            }
+        }
+        vcpu_state::complete_pending_io(&mut fd, 0).unwrap();
+        let msrs = vcpu_state::msr_indices(&kvm).unwrap();
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let serial = SerialDevice::new(
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+            ConsoleOut::new(Box::new(std::io::sink()), exit),
+        );
+        let snap = VmSnapshot {
+            machine: MachineConfig {
+                cpus: 1,
+                memory_mib: 2,
+                cpu_template: template,
+                cmdline: String::new(),
+                disk: None,
+            },
+            ram: memory_file::layout(vm.memory()),
+            vm: vm_state::save(vm.fd()).unwrap(),
+            vcpus: vec![vcpu_state::save(&fd, 0, &msrs).unwrap()],
+            serial: serial.save_state(),
+            block: None,
+        };
+        std::fs::create_dir_all(dir).unwrap();
+        memory_file::write(vm.memory(), &dir.join(MEMORY_FILE)).unwrap();
+        state_file::write(&dir.join(STATE_FILE), &snap).unwrap();
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("vmm-vmsnap-{}-{name}", std::process::id()))
+    }
+
+    /// Needs /dev/kvm. The restored VM continues the alphabet where the snapshot stopped
+    /// and powers off.
+    #[test]
+    fn restored_vm_continues_on_its_console() {
+        let dir = scratch("ok");
+        snapshot_after(10, &dir);
+        let console = dir.join("console");
+        let vm = restore_and_start(&dir, None, &ConsoleConfig::File(console.clone())).unwrap();
+        assert_eq!(vm.run_until_exit(), ExitReason::Poweroff);
+        assert_eq!(
+            std::fs::read_to_string(&console).unwrap(),
+            "klmnopqrstuvwxyz"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Needs /dev/kvm. Each damaged snapshot is refused with one line and never runs.
+    #[test]
+    fn damaged_snapshots_are_refused() {
+        let dir = scratch("bad");
+        snapshot_after(3, &dir);
+        let state = std::fs::read(dir.join(STATE_FILE)).unwrap();
+        let memory = std::fs::read(dir.join(MEMORY_FILE)).unwrap();
+        let console = ConsoleConfig::None;
+        let attempt = |state: &[u8], memory: &[u8]| {
+            std::fs::write(dir.join(STATE_FILE), state).unwrap();
+            std::fs::write(dir.join(MEMORY_FILE), memory).unwrap();
+            let msg = restore_and_start(&dir, None, &console)
+                .err()
+                .expect("a damaged snapshot must not run")
+                .to_string();
+            assert!(!msg.contains('\n'), "{msg}");
+            msg
+        };
+        let mut flipped = state.clone();
+        let n = flipped.len();
+        flipped[n / 2] ^= 0x40;
+        assert!(attempt(&flipped, &memory).contains("checksum mismatch"));
+        assert!(attempt(&state[..n - 10], &memory).contains("truncated"));
+        let mut version = state.clone();
+        version[8] = 7;
+        assert!(attempt(&version, &memory).contains("format version 7"));
+        assert!(attempt(b"garbage", &memory).contains("bad magic"));
+        assert!(attempt(&state, &memory[..4096]).contains("needs 2097152"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        let missing = restore_and_start(&dir, None, &console)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(missing.contains("cannot read state file"), "{missing}");
+    }
+}
