@@ -250,7 +250,6 @@ pub(crate) fn start(
         event_manager.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(
             serial.clone(),
             rx_ready,
-            raw_terminal.is_some(),
             Arc::new(move || quit_exit.request(ExitReason::Signal(libc::SIGINT))),
         ))));
     }

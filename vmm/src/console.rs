@@ -79,7 +79,6 @@ pub struct ConsoleInput {
     serial: Arc<Mutex<SerialDevice>>,
     rx_ready: Arc<EventFd>,
     quit: Arc<dyn Fn() + Send + Sync>,
-    raw_tty: bool,
     escape_pending: bool,
     stdin_open: bool,
 }
@@ -88,23 +87,20 @@ impl ConsoleInput {
     pub fn new(
         serial: Arc<Mutex<SerialDevice>>,
         rx_ready: Arc<EventFd>,
-        raw_tty: bool,
         quit: Arc<dyn Fn() + Send + Sync>,
     ) -> Self {
         Self {
             serial,
             rx_ready,
             quit,
-            raw_tty,
             escape_pending: false,
             stdin_open: true,
         }
     }
 
+    /// Escapes work on a terminal and on a pipe alike (as QEMU's `mon:stdio`), so
+    /// scripts can send a break too; Ctrl-A Ctrl-A sends one literal Ctrl-A.
     fn filter_escape(&mut self, data: &[u8]) -> Vec<u8> {
-        if !self.raw_tty {
-            return data.to_vec();
-        }
         let mut out = Vec::with_capacity(data.len());
         for &b in data {
             if self.escape_pending {
@@ -176,5 +172,43 @@ impl MutEventSubscriber for ConsoleInput {
         if !data.is_empty() {
             self.serial().queue_input(&data);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::bus::BusDevice;
+    use crate::devices::serial::ConsoleOut;
+    use crate::vstate::exit::ExitSignal;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    #[test]
+    fn escapes_quit_break_and_pass_literal_ctrl_a() {
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+            ConsoleOut::new(Box::new(io::sink()), exit),
+        )));
+        let quit = Arc::new(AtomicBool::new(false));
+        let q = quit.clone();
+        let mut input = ConsoleInput::new(
+            serial.clone(),
+            Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+            Arc::new(move || q.store(true, Ordering::SeqCst)),
+        );
+        assert_eq!(input.filter_escape(b"ab\x01\x01c\x01zd"), b"ab\x01c\x01zd");
+        assert!(!quit.load(Ordering::SeqCst));
+        // Ctrl-A b: what came before goes first, then the break; the rest waits for it.
+        assert_eq!(input.filter_escape(b"x\x01bh"), b"h");
+        let mut lsr = [0u8];
+        serial.lock().unwrap().read(5, &mut lsr);
+        assert_eq!(lsr[0] & 0x10, 0x10, "break reported");
+        // An escape split across reads still works.
+        assert!(input.filter_escape(b"\x01").is_empty());
+        assert!(input.filter_escape(b"x").is_empty());
+        assert!(quit.load(Ordering::SeqCst));
     }
 }
