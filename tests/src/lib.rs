@@ -258,3 +258,95 @@ pub fn boot_timeout() -> Duration {
         .unwrap_or(70);
     Duration::from_secs(60 * minutes)
 }
+
+impl Guest {
+    /// Sends a serial break and then `key`: the guest kernel's magic SysRq (Ctrl-A b on
+    /// the VMM's console).
+    pub fn sysrq(&mut self, key: char) {
+        let stdin = self.stdin.as_mut().expect("stdin already closed");
+        stdin.write_all(&[0x01, b'b', key as u8]).unwrap();
+        stdin.flush().unwrap();
+    }
+}
+
+/// The kernel command-line options of the kernel-only guest: a PID 1 that makes no system
+/// call (guest user space cannot make system calls on PVM hosts; docs/pvm.md) and every
+/// SysRq function.
+pub const KERNEL_GUEST_APPEND: &str = "rdinit=/spin-init sysrq_always_enabled";
+/// The console line after which the kernel-only guest is up.
+pub const KERNEL_GUEST_READY: &str = "Run /spin-init as init process";
+
+fn mtime_key(path: &Path) -> String {
+    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    format!("{:x}-{:x}", meta.len(), mtime)
+}
+
+/// A snapshot of `guest.img` booted as a kernel-only guest (2 vCPUs), taken 20 s after it
+/// is up. Built once (a cold boot: many minutes on PVM hosts, with progress on stderr)
+/// and reused while the guest image and the vmm binary are unchanged.
+pub fn kernel_guest_snapshot() -> PathBuf {
+    static SNAP: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    SNAP.get_or_init(|| {
+        require_kvm();
+        let image = guest_artifact("guest.img");
+        let key = format!("{}-{}", mtime_key(&image), mtime_key(&vmm_binary()));
+        let root = workspace_root().join("target/test-fixtures");
+        let dir = root.join(format!("kernel-guest-{key}"));
+        if dir.join("complete").exists() {
+            return dir;
+        }
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let disk = root.join("fixture-disk.img");
+        std::fs::copy(&image, &disk).unwrap();
+        eprintln!("fixture: cold-booting the kernel-only guest to snapshot it (docs/pvm.md)");
+        let started = Instant::now();
+        let mut guest = Guest::start(&[
+            "run",
+            "--kernel",
+            guest_artifact("vmlinuz").to_str().unwrap(),
+            "--initrd",
+            guest_artifact("initrd.img").to_str().unwrap(),
+            "--disk",
+            disk.to_str().unwrap(),
+            "--cpus",
+            "2",
+            "--append",
+            KERNEL_GUEST_APPEND,
+            "--snapshot-on-output",
+            KERNEL_GUEST_READY,
+            "--snapshot-delay",
+            "20",
+            "--snapshot-stop",
+            "--snapshot-dir",
+            dir.to_str().unwrap(),
+        ]);
+        guest.wait_for(KERNEL_GUEST_READY, boot_timeout());
+        let status = guest.wait_exit(Duration::from_secs(600));
+        assert!(
+            status.success(),
+            "fixture snapshot failed ({status}): {}",
+            guest.stderr()
+        );
+        eprintln!(
+            "fixture: snapshot taken after {:.0} s of boot",
+            started.elapsed().as_secs_f64()
+        );
+        std::fs::write(dir.join("complete"), b"").unwrap();
+        dir
+    })
+    .clone()
+}
+
+/// A private copy of the fixture's disk for one restored guest.
+pub fn private_disk(tag: &str) -> PathBuf {
+    let src = workspace_root().join("target/test-fixtures/fixture-disk.img");
+    let dst = std::env::temp_dir().join(format!("vmm-disk-{}-{tag}.img", std::process::id()));
+    std::fs::copy(&src, &dst).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+    dst
+}

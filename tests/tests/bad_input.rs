@@ -181,3 +181,40 @@ fn kvm_missing() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("/dev/kvm does not exist"), "{stderr}");
 }
+
+#[test]
+fn restore_from_a_missing_snapshot() {
+    assert_rejected(
+        &["run", "--restore", "/nonexistent/snapshot"],
+        "cannot read state file /nonexistent/snapshot/state",
+    );
+}
+
+#[test]
+fn restore_from_a_garbage_state_file() {
+    let dir = scratch("garbage-snapshot");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("state"), b"VMMSTATE\x01\0\0\0 not really").unwrap();
+    std::fs::write(dir.join("memory"), b"").unwrap();
+    assert_rejected(&["run", "--restore", dir.to_str().unwrap()], "truncated");
+    std::fs::write(dir.join("state"), b"#!/bin/sh\n").unwrap();
+    assert_rejected(&["run", "--restore", dir.to_str().unwrap()], "bad magic");
+}
+
+#[test]
+fn restore_does_not_mix_with_boot_options() {
+    let (status, _, stderr) = run_vmm(&["run", "--restore", "/tmp", "/some/guest.img"], T);
+    assert!(
+        !status.success() && stderr.contains("cannot be used with"),
+        "{stderr}"
+    );
+    assert_rejected(
+        &["run", "/some/guest.img", "--disk", "/some/disk.img"],
+        "--disk goes with --kernel or --restore",
+    );
+    let (status, _, stderr) = run_vmm(&["run", "/some/guest.img", "--snapshot-dir", "/tmp/x"], T);
+    assert!(
+        !status.success() && stderr.contains("--snapshot-on-output"),
+        "{stderr}"
+    );
+}

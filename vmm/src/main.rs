@@ -120,7 +120,6 @@ fn init_logging(filter: &str) {
 
 fn run(args: RunArgs) -> Result<i32, String> {
     if let Some(dir) = &args.restore {
-        warn_about_host_limits();
         let vm = vmm::persist::vm_snapshot::restore_and_start(dir, args.disk, &args.console)
             .map_err(|e| e.to_string())?;
         return Ok(finish(vm));
@@ -167,7 +166,6 @@ fn run(args: RunArgs) -> Result<i32, String> {
         cpu_template: args.cpu_template,
         console: args.console,
     };
-    warn_about_host_limits();
     let vm =
         vmm::builder::build_and_start_with(&cfg, trigger.as_ref()).map_err(|e| e.to_string())?;
     Ok(finish(vm))
@@ -175,6 +173,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
 
 /// Runs the VM to its end and reports why it ended.
 fn finish(vm: vmm::builder::RunningVm) -> i32 {
+    warn_about_host_limits();
     let reason = vm.run_until_exit();
     if let Some(msg) = reason.message() {
         eprintln!("vmm: {msg}");
