@@ -149,6 +149,9 @@ impl Manifest {
         }
         let mut ids = std::collections::HashSet::new();
         for s in &self.states {
+            if s.id == 0 {
+                return bad("state id 0 is reserved (ids start at 1, as in the kernel)".into());
+            }
             if !ids.insert(s.id) {
                 return bad(format!("state {} is declared twice", s.id));
             }
@@ -210,6 +213,8 @@ mod tests {
                 "unknown field",
             ),
             ("{".to_string(), "parse"),
+            (GOOD.replace("\"id\": 7", "\"id\": 0"), "id 0"),
+            (GOOD.replace("\"id\": 7", "\"id\": -1"), "parse"),
         ];
         for (text, want) in cases {
             let err = Manifest::from_json(&text).unwrap_err().to_string();
