@@ -66,6 +66,8 @@ pub fn require_kvm() {
 
 /// A running `vmm run` whose console is driven through stdin/stdout pipes.
 pub struct Guest {
+    /// The VM's private API socket.
+    pub api_socket: PathBuf,
     child: Child,
     stdin: Option<ChildStdin>,
     output: Arc<Mutex<Vec<u8>>>,
@@ -92,8 +94,18 @@ impl Guest {
     /// Starts `vmm` with `args`; console output is mirrored to the test's stderr
     /// when `VMM_TEST_ECHO=1`.
     pub fn start(args: &[&str]) -> Guest {
+        // Every test VM gets its own API socket, so parallel tests never collide.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let api_socket =
+            std::env::temp_dir().join(format!("vmm-test-{}-{n}.sock", std::process::id()));
+        let mut full: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        if args.first() == Some(&"run") && !args.contains(&"--api-socket") {
+            full.push("--api-socket".into());
+            full.push(api_socket.display().to_string());
+        }
         let mut child = Command::new(vmm_binary())
-            .args(args)
+            .args(&full)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -105,6 +117,7 @@ impl Guest {
         pump(child.stdout.take().unwrap(), output.clone(), echo);
         pump(child.stderr.take().unwrap(), stderr.clone(), echo);
         Guest {
+            api_socket,
             stdin: child.stdin.take(),
             child,
             output,
@@ -349,4 +362,38 @@ pub fn private_disk(tag: &str) -> PathBuf {
     let dst = std::env::temp_dir().join(format!("vmm-disk-{}-{tag}.img", std::process::id()));
     std::fs::copy(&src, &dst).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
     dst
+}
+
+/// One request to a VM's API socket: (status, body).
+pub fn api(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::os::unix::net::UnixStream;
+    let mut s = UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("API socket {}: {e}", socket.display()));
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad HTTP response {out:?}"));
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+/// Waits until `socket` accepts connections.
+pub fn wait_for_socket(socket: &Path, timeout: Duration) {
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(
+            start.elapsed() < timeout,
+            "API socket {} never came up",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -73,6 +73,8 @@ pub enum BuildError {
     TooManyCpus { asked: u8, max: usize },
     #[error("cannot restore: {0}")]
     Restore(String),
+    #[error("{0}")]
+    Api(String),
 }
 
 pub(crate) fn kvm_err(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
@@ -136,6 +138,13 @@ pub struct RunningVm {
     pub(crate) block: Option<Arc<Mutex<MmioTransport>>>,
     pub(crate) msr_indices: Arc<Vec<u32>>,
     pub(crate) snapshot_trigger: Option<SnapshotTrigger>,
+    /// The control API, when serving one.
+    pub(crate) api: Option<crate::api::server::ApiChannel>,
+    pub(crate) name: String,
+    pub(crate) paused: bool,
+    pub(crate) started: std::time::Instant,
+    /// Every API pause's latency (request to all vCPUs stopped), microseconds.
+    pub pause_latencies_us: Vec<u64>,
 }
 
 /// The devices of a VM, on their buses.
@@ -271,6 +280,11 @@ pub(crate) fn start(
         block,
         msr_indices,
         snapshot_trigger: None,
+        api: None,
+        name: String::new(),
+        paused: false,
+        started: std::time::Instant::now(),
+        pause_latencies_us: Vec::new(),
     })
 }
 
@@ -486,6 +500,32 @@ pub fn build_and_start_with(
 }
 
 impl RunningVm {
+    /// Serves the control API on `socket` as VM `name`.
+    pub fn serve_api(&mut self, socket: &Path, name: &str) -> Result<(), BuildError> {
+        let api = crate::api::server::start(socket).map_err(|e| BuildError::Api(e.to_string()))?;
+        let wake = api.wake.clone();
+        self.event_manager
+            .add_subscriber(Arc::new(Mutex::new(WakeDrain(wake))));
+        self.api = Some(api);
+        self.name = name.to_string();
+        Ok(())
+    }
+
+    /// Answers queued API requests; returns an exit reason when one stops the VM.
+    fn poll_api(&mut self) -> Option<ExitReason> {
+        let pending: Vec<_> = match &self.api {
+            Some(api) => api.requests.try_iter().collect(),
+            None => return None,
+        };
+        let mut stop = None;
+        for (req, reply) in pending {
+            let (resp, exit) = self.handle_api(req);
+            let _ = reply.send(resp);
+            stop = stop.or(exit);
+        }
+        stop
+    }
+
     /// Runs the device event loop until the guest or the host stops the VM, then
     /// stops every vCPU thread and returns why.
     pub fn run_until_exit(mut self) -> ExitReason {
@@ -495,6 +535,9 @@ impl RunningVm {
                 break reason;
             }
             if let Some(reason) = self.poll_snapshot_trigger(&mut trigger_seen_at) {
+                break reason;
+            }
+            if let Some(reason) = self.poll_api() {
                 break reason;
             }
             if let Err(e) = self.event_manager.run_with_timeout(100) {
@@ -549,6 +592,19 @@ impl RunningVm {
             }
             Err(e) => Some(ExitReason::Fatal(format!("snapshot failed: {e}"))),
         }
+    }
+}
+
+/// Drains an eventfd whose only job is to wake the event loop.
+struct WakeDrain(Arc<EventFd>);
+
+impl MutEventSubscriber for WakeDrain {
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new(self.0.as_ref(), EventSet::IN));
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.read();
     }
 }
 

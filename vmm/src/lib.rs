@@ -1,6 +1,7 @@
 //! `vmm`: a rust-vmm based virtual machine monitor that boots unmodified Linux
 //! guests and (in later work) live-patches their kernels from the host.
 
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod config;

@@ -25,12 +25,54 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a guest from a disk image (or a kernel and initrd) with a serial console on stdio.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check what this host's KVM can do for unmodified guests (exit 1 if something is missing).
     HostCheck,
     /// Build or inspect live-patch bundles.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Pause a running VM (every vCPU stopped outside KVM_RUN).
+    Pause(ApiTarget),
+    /// Resume a paused VM.
+    Resume(ApiTarget),
+    /// Show a VM's state, vCPUs, memory and uptime.
+    Status(ApiTarget),
+    /// Write a snapshot of a running VM (it pauses and resumes it).
+    Snapshot {
+        #[command(flatten)]
+        target: ApiTarget,
+        /// Snapshot directory.
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Stop the VM after the snapshot.
+        #[arg(long)]
+        stop: bool,
+    },
+    /// Send a magic SysRq key to the guest kernel (serial break + key).
+    Sysrq {
+        #[command(flatten)]
+        target: ApiTarget,
+        key: char,
+    },
+}
+
+/// Which VM a client command talks to.
+#[derive(Args, Clone)]
+struct ApiTarget {
+    /// VM name: its socket is /run/vmm/NAME.sock (or $XDG_RUNTIME_DIR/vmm/ when not root).
+    #[arg(long, default_value = "default")]
+    name: String,
+    /// The VM's API socket (instead of --name).
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+}
+
+impl ApiTarget {
+    fn socket(&self) -> PathBuf {
+        self.api_socket
+            .clone()
+            .unwrap_or_else(|| vmm::api::server::default_socket(&self.name))
+    }
 }
 
 #[derive(Subcommand)]
@@ -58,6 +100,8 @@ enum BundleCommand {
 
 #[derive(Args)]
 struct RunArgs {
+    #[command(flatten)]
+    api: ApiTarget,
     /// Disk image whose filesystem holds /boot/vmlinuz-* and /boot/initrd.img-*; also the root disk.
     image: Option<PathBuf>,
     /// Boot this kernel (bzImage) directly instead of the one inside IMAGE.
@@ -120,7 +164,11 @@ fn init_logging(filter: &str) {
 
 fn run(args: RunArgs) -> Result<i32, String> {
     if let Some(dir) = &args.restore {
-        let vm = vmm::persist::vm_snapshot::restore_and_start(dir, args.disk, &args.console)
+        let socket = args.api.socket();
+        ensure_socket_free(&socket)?;
+        let mut vm = vmm::persist::vm_snapshot::restore_and_start(dir, args.disk, &args.console)
+            .map_err(|e| e.to_string())?;
+        vm.serve_api(&socket, &args.api.name)
             .map_err(|e| e.to_string())?;
         return Ok(finish(vm));
     }
@@ -166,9 +214,53 @@ fn run(args: RunArgs) -> Result<i32, String> {
         cpu_template: args.cpu_template,
         console: args.console,
     };
-    let vm =
+    let socket = args.api.socket();
+    ensure_socket_free(&socket)?;
+    let mut vm =
         vmm::builder::build_and_start_with(&cfg, trigger.as_ref()).map_err(|e| e.to_string())?;
+    vm.serve_api(&socket, &args.api.name)
+        .map_err(|e| e.to_string())?;
     Ok(finish(vm))
+}
+
+/// Refuses, before anything starts, a socket another running VM answers on.
+fn ensure_socket_free(socket: &std::path::Path) -> Result<(), String> {
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        return Err(format!(
+            "API socket {} is in use by a running VM (pick another --name or --api-socket)",
+            socket.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Sends one API request; prints the JSON answer; 4xx/5xx become errors.
+fn api_call(
+    target: &ApiTarget,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+) -> Result<i32, String> {
+    let socket = target.socket();
+    let (status, text) = vmm::api::client::request(&socket, method, path, body.as_deref())
+        .map_err(|e| e.to_string())?;
+    if status >= 400 {
+        let msg = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or(text);
+        return Err(format!("{msg} (HTTP {status})"));
+    }
+    if !text.is_empty() {
+        println!("{text}");
+    }
+    Ok(0)
+}
+
+fn snapshot(target: &ApiTarget, output: &std::path::Path, stop: bool) -> Result<i32, String> {
+    let dir = std::path::absolute(output).map_err(|e| format!("{}: {e}", output.display()))?;
+    let body = serde_json::json!({"dir": dir, "stop": stop}).to_string();
+    api_call(target, "PUT", "/snapshot", Some(body))
 }
 
 /// Runs the VM to its end and reports why it ended.
@@ -261,9 +353,26 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::HostCheck => host_check(),
         Command::Bundle(cmd) => bundle(cmd),
+        Command::Pause(t) => api_call(&t, "PUT", "/vm/state", Some(r#"{"state":"paused"}"#.into())),
+        Command::Resume(t) => api_call(
+            &t,
+            "PUT",
+            "/vm/state",
+            Some(r#"{"state":"running"}"#.into()),
+        ),
+        Command::Status(t) => api_call(&t, "GET", "/vm", None),
+        Command::Snapshot {
+            target,
+            output,
+            stop,
+        } => snapshot(&target, &output, stop),
+        Command::Sysrq { target, key } => {
+            let body = serde_json::json!({"key": key.to_string()}).to_string();
+            api_call(&target, "PUT", "/console/sysrq", Some(body))
+        }
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),

@@ -1,0 +1,122 @@
+//! The control socket: a Unix socket (mode 0600) served by one API thread. Each
+//! request is routed, handed to the VMM thread (which owns the VM) through a channel,
+//! and answered with what the VMM thread replies.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::http;
+use super::routes::{self, ApiRequest, ApiResponse};
+
+/// Errors setting up the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("API socket {0} is in use by a running VM (pick another --name or --api-socket)")]
+    InUse(String),
+    #[error("cannot create API socket {path}: {source}")]
+    Bind {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot create the API eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
+/// A request waiting for the VMM thread, with where to send the answer.
+pub type Pending = (ApiRequest, Sender<ApiResponse>);
+
+/// The VMM thread's end of the API.
+pub struct ApiChannel {
+    pub requests: Receiver<Pending>,
+    /// Written for every request, so the event loop wakes up at once.
+    pub wake: Arc<EventFd>,
+    pub path: PathBuf,
+}
+
+impl Drop for ApiChannel {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The default socket for VM `name`: `/run/vmm/NAME.sock` as root, else under
+/// `$XDG_RUNTIME_DIR/vmm/` (or the temporary directory).
+pub fn default_socket(name: &str) -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let base = if root {
+        PathBuf::from("/run/vmm")
+    } else {
+        std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir)
+            .join("vmm")
+    };
+    base.join(format!("{name}.sock"))
+}
+
+/// How long a request may wait for the VMM thread (a snapshot writes the whole RAM).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn serve(mut stream: UnixStream, to_vmm: &Sender<Pending>, wake: &EventFd) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let response = match http::read_request(&mut stream) {
+        Err(http::HttpError::TooLarge) => ApiResponse::error(413, "request too large"),
+        Err(e) => ApiResponse::error(400, e.to_string()),
+        Ok(req) => match routes::route(&req) {
+            Err(resp) => resp,
+            Ok(api) => {
+                let (tx, rx) = channel();
+                if to_vmm.send((api, tx)).is_err() {
+                    ApiResponse::error(500, "the VM is shutting down")
+                } else {
+                    let _ = wake.write(1);
+                    rx.recv_timeout(REPLY_TIMEOUT)
+                        .unwrap_or_else(|_| ApiResponse::error(500, "the VMM did not answer"))
+                }
+            }
+        },
+    };
+    let _ = http::write_response(&mut stream, response.status, &response.body);
+}
+
+/// Creates the socket at `path` and starts the API thread.
+pub fn start(path: &Path) -> Result<ApiChannel, ServerError> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(ServerError::InUse(path.display().to_string()));
+        }
+        let _ = std::fs::remove_file(path); // stale: nobody listens
+    }
+    let bind_err = |source| ServerError::Bind {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(bind_err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(ServerError::EventFd)?);
+    let (tx, rx) = channel();
+    let thread_wake = wake.clone();
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                serve(stream, &tx, &thread_wake);
+            }
+        })
+        .map_err(bind_err)?;
+    Ok(ApiChannel {
+        requests: rx,
+        wake,
+        path: path.to_path_buf(),
+    })
+}
