@@ -1,2 +1,8 @@
-//! Guest kernel introspection: a pure library over two small traits (read
-//! guest-physical memory; read a vCPU's registers). Work starts in issue #4.
+//! Guest kernel introspection: a pure library over guest-physical memory (and, for
+//! later parts, a vCPU's registers), so the same code reads a live VM, a snapshot's
+//! memory file or a raw dump. Layouts and algorithms: shared/reference/guest-introspection.md.
+
+pub mod kallsyms;
+pub mod kernel;
+pub mod memory;
+pub mod vmcoreinfo;

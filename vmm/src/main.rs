@@ -48,6 +48,23 @@ enum Command {
         #[arg(long)]
         stop: bool,
     },
+    /// Print guest kernel symbols (/proc/kallsyms format) read from a snapshot's memory.
+    Symbols {
+        /// Snapshot directory to read.
+        #[arg(long)]
+        snapshot: PathBuf,
+        /// Print every symbol.
+        #[arg(long, conflicts_with = "names")]
+        all: bool,
+        /// Symbols to print (name or name,sympos).
+        names: Vec<String>,
+    },
+    /// Print what the guest kernel is: release, build ID, KASLR offset, symbol count.
+    Kernel {
+        /// Snapshot directory to read.
+        #[arg(long)]
+        snapshot: PathBuf,
+    },
     /// Send a magic SysRq key to the guest kernel (serial break + key).
     Sysrq {
         #[command(flatten)]
@@ -263,6 +280,58 @@ fn snapshot(target: &ApiTarget, output: &std::path::Path, stop: bool) -> Result<
     api_call(target, "PUT", "/snapshot", Some(body))
 }
 
+/// Opens a snapshot's memory and finds the kernel in it.
+fn snapshot_kernel(dir: &std::path::Path) -> Result<introspect::kernel::Kernel, String> {
+    use vmm::persist::snapshot::{VmSnapshot, MEMORY_FILE, STATE_FILE};
+    let snap: VmSnapshot =
+        vmm::persist::state_file::read(&dir.join(STATE_FILE)).map_err(|e| e.to_string())?;
+    let mem = introspect::memory::FileMemory::open(&dir.join(MEMORY_FILE), &snap.ram)
+        .map_err(|e| e.to_string())?;
+    introspect::kernel::Kernel::discover(&mem).map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+fn symbols(dir: &std::path::Path, all: bool, names: &[String]) -> Result<i32, String> {
+    let kernel = snapshot_kernel(dir)?;
+    let line = |s: &introspect::kallsyms::Symbol| format!("{:016x} {} {}", s.addr, s.kind, s.name);
+    if all || names.is_empty() {
+        let mut out = String::with_capacity(kernel.symbols.len() * 40);
+        for s in kernel.symbols.symbols() {
+            out.push_str(&line(s));
+            out.push('\n');
+        }
+        print!("{out}");
+        return Ok(0);
+    }
+    for n in names {
+        let (name, pos) = match n.split_once(',') {
+            Some((a, b)) => (
+                a,
+                Some(b.parse::<u32>().map_err(|_| format!("bad sympos in {n}"))?),
+            ),
+            None => (n.as_str(), None),
+        };
+        let s = kernel
+            .symbols
+            .lookup(name, pos)
+            .map_err(|e| e.to_string())?;
+        println!("{}", line(s));
+    }
+    Ok(0)
+}
+
+fn kernel_info(dir: &std::path::Path) -> Result<i32, String> {
+    let k = snapshot_kernel(dir)?;
+    println!("release:      {}", k.release);
+    println!(
+        "build id:     {}",
+        k.build_id.as_deref().unwrap_or("unknown")
+    );
+    println!("kaslr offset: {:#x}", k.kaslr_offset);
+    println!("phys_base:    {:#x}", k.image.phys_base);
+    println!("symbols:      {}", k.symbols.len());
+    Ok(0)
+}
+
 /// Runs the VM to its end and reports why it ended.
 fn finish(vm: vmm::builder::RunningVm) -> i32 {
     warn_about_host_limits();
@@ -369,6 +438,12 @@ fn main() -> ExitCode {
             output,
             stop,
         } => snapshot(&target, &output, stop),
+        Command::Symbols {
+            snapshot,
+            all,
+            names,
+        } => symbols(&snapshot, all, &names),
+        Command::Kernel { snapshot } => kernel_info(&snapshot),
         Command::Sysrq { target, key } => {
             let body = serde_json::json!({"key": key.to_string()}).to_string();
             api_call(&target, "PUT", "/console/sysrq", Some(body))

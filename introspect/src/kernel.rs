@@ -1,0 +1,85 @@
+//! Finding the running kernel: release, build ID, KASLR offset, `phys_base` and its
+//! symbol table, starting from nothing but guest memory (through vmcoreinfo).
+
+use crate::kallsyms::{self, KallsymsError, KernelImage, SymbolTable, Tables};
+use crate::memory::GuestPhysMemory;
+use crate::vmcoreinfo::{self, Vmcoreinfo, VmcoreinfoError};
+
+/// Errors discovering the kernel.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KernelError {
+    #[error("{0}")]
+    Vmcoreinfo(#[from] VmcoreinfoError),
+    #[error("vmcoreinfo lacks {0}")]
+    Missing(&'static str),
+    #[error("{0}")]
+    Kallsyms(#[from] KallsymsError),
+    #[error("inconsistent kernel: {0}")]
+    Inconsistent(String),
+}
+
+/// The running kernel.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    pub release: String,
+    pub build_id: Option<String>,
+    /// KASLR slide of the image.
+    pub kaslr_offset: u64,
+    pub image: KernelImage,
+    pub vmcoreinfo: Vmcoreinfo,
+    pub symbols: SymbolTable,
+}
+
+/// Link-time `_text` of x86-64 kernels with `CONFIG_PHYSICAL_START=0x1000000`.
+pub const LINK_TEXT: u64 = 0xffff_ffff_8100_0000;
+
+impl Kernel {
+    /// Finds the kernel in `mem` and decodes its symbols; cross-checks `_text`,
+    /// `_stext` and the KASLR offset against each other.
+    pub fn discover(mem: &dyn GuestPhysMemory) -> Result<Self, KernelError> {
+        let info = vmcoreinfo::find(mem)?;
+        let sym = |name: &'static str| info.symbol(name).ok_or(KernelError::Missing(name));
+        let phys_base = info
+            .number("phys_base")
+            .ok_or(KernelError::Missing("NUMBER(phys_base)"))? as u64;
+        let image = KernelImage { phys_base };
+        let tables = Tables {
+            num_syms: sym("kallsyms_num_syms")?,
+            names: sym("kallsyms_names")?,
+            offsets: sym("kallsyms_offsets")?,
+            relative_base: sym("kallsyms_relative_base")?,
+            token_table: sym("kallsyms_token_table")?,
+            token_index: sym("kallsyms_token_index")?,
+        };
+        let symbols = kallsyms::decode(mem, image, tables)?;
+        let text = symbols
+            .lookup("_text", None)
+            .map_err(|e| KernelError::Inconsistent(e.to_string()))?
+            .addr;
+        let kaslr_offset = info.kernel_offset().unwrap_or(text.wrapping_sub(LINK_TEXT));
+        if text.wrapping_sub(LINK_TEXT) != kaslr_offset {
+            return Err(KernelError::Inconsistent(format!(
+                "_text {text:#x} disagrees with KERNELOFFSET {kaslr_offset:#x}"
+            )));
+        }
+        if let (Some(stext), Ok(s)) = (info.symbol("_stext"), symbols.lookup("_stext", None)) {
+            if stext != s.addr {
+                return Err(KernelError::Inconsistent(format!(
+                    "vmcoreinfo _stext {stext:#x} != kallsyms _stext {:#x}",
+                    s.addr
+                )));
+            }
+        }
+        Ok(Kernel {
+            release: info
+                .osrelease()
+                .ok_or(KernelError::Missing("OSRELEASE"))?
+                .to_string(),
+            build_id: info.build_id().map(str::to_string),
+            kaslr_offset,
+            image,
+            vmcoreinfo: info,
+            symbols,
+        })
+    }
+}
