@@ -100,7 +100,11 @@ impl Guest {
         let api_socket =
             std::env::temp_dir().join(format!("vmm-test-{}-{n}.sock", std::process::id()));
         let mut full: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        if args.first() == Some(&"run") && !args.contains(&"--api-socket") {
+        // A `--name` VM uses its default socket (the test knows where).
+        if args.first() == Some(&"run")
+            && !args.contains(&"--api-socket")
+            && !args.contains(&"--name")
+        {
             full.push("--api-socket".into());
             full.push(api_socket.display().to_string());
         }
@@ -124,6 +128,11 @@ impl Guest {
             stderr,
             consumed: 0,
         }
+    }
+
+    /// Whether the `vmm` process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// All console output so far.

@@ -5,7 +5,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::acpi::{self, AcpiConfig, VirtioMmioAcpi};
@@ -27,6 +27,7 @@ use crate::persist::snapshot::{DiskRef, MachineConfig};
 use crate::persist::vcpu_state;
 use crate::signals;
 use crate::vstate::exit::{ExitReason, ExitSignal};
+use crate::vstate::pause::{PauseControl, PauseError, PauseStats, PausedVm};
 use crate::vstate::vcpu::{self, Vcpu, VcpuEvent, VcpuHandle};
 use crate::vstate::vm::{self, Vm};
 
@@ -141,10 +142,13 @@ pub struct RunningVm {
     /// The control API, when serving one.
     pub(crate) api: Option<crate::api::server::ApiChannel>,
     pub(crate) name: String,
+    /// Pause holds and latencies (behind a lock so a shared `&RunningVm` can pause).
+    pause: Mutex<PauseControl>,
+    /// Whether an API client holds the VM paused (one of the pause holds).
     pub(crate) paused: bool,
+    /// What the loop waits on while paused, when the device subscribers must not run.
+    paused_wait: PausedWait,
     pub(crate) started: std::time::Instant,
-    /// Every API pause's latency (request to all vCPUs stopped), microseconds.
-    pub pause_latencies_us: Vec<u64>,
 }
 
 /// The devices of a VM, on their buses.
@@ -243,8 +247,10 @@ pub(crate) fn start(
     msr_indices: Arc<Vec<u32>>,
 ) -> Result<RunningVm, BuildError> {
     let (serial, rx_ready) = devices_serial;
-    let stop_evt =
-        signals::install_stop_handlers().map_err(io_err("cannot install signal handlers"))?;
+    let stop_evt = Arc::new(
+        signals::install_stop_handlers().map_err(io_err("cannot install signal handlers"))?,
+    );
+    let paused_wait = PausedWait::new(&stop_evt, &exit)?;
     event_manager.add_subscriber(Arc::new(Mutex::new(StopWatcher {
         stop_evt,
         exit: exit.clone(),
@@ -282,9 +288,10 @@ pub(crate) fn start(
         snapshot_trigger: None,
         api: None,
         name: String::new(),
+        pause: Mutex::new(PauseControl::default()),
         paused: false,
+        paused_wait,
         started: std::time::Instant::now(),
-        pause_latencies_us: Vec::new(),
     })
 }
 
@@ -504,6 +511,7 @@ impl RunningVm {
     pub fn serve_api(&mut self, socket: &Path, name: &str) -> Result<(), BuildError> {
         let api = crate::api::server::start(socket).map_err(|e| BuildError::Api(e.to_string()))?;
         let wake = api.wake.clone();
+        self.paused_wait.add(&wake)?;
         self.event_manager
             .add_subscriber(Arc::new(Mutex::new(WakeDrain(wake))));
         self.api = Some(api);
@@ -540,8 +548,18 @@ impl RunningVm {
             if let Some(reason) = self.poll_api() {
                 break reason;
             }
-            if let Err(e) = self.event_manager.run_with_timeout(100) {
-                break ExitReason::Fatal(format!("event loop failed: {e:?}"));
+            // While paused the device subscribers do not run: no console input, no block
+            // request completes, no interrupt is raised until the vCPUs run again.
+            let waited = if self.is_paused() {
+                self.paused_wait.wait(100, &self.exit)
+            } else {
+                self.event_manager
+                    .run_with_timeout(100)
+                    .map(|_| ())
+                    .map_err(|e| format!("{e:?}"))
+            };
+            if let Err(e) = waited {
+                break ExitReason::Fatal(format!("event loop failed: {e}"));
             }
         };
         for v in &self.vcpus {
@@ -595,6 +613,130 @@ impl RunningVm {
     }
 }
 
+impl RunningVm {
+    fn pause_control(&self) -> std::sync::MutexGuard<'_, PauseControl> {
+        self.pause.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a pause hold: the first one stops every vCPU outside `KVM_RUN`. Returns the
+    /// pause latency (call to every vCPU parked) when this call stopped them, `None` when
+    /// the VM was already paused. Holds nest; [`RunningVm::resume`] drops one.
+    pub fn pause(&self) -> Result<Option<Duration>, PauseError> {
+        self.pause_control().hold(&self.vcpus)
+    }
+
+    /// Drops a pause hold; the last one lets the vCPUs run again. Returns whether they run.
+    pub fn resume(&self) -> Result<bool, PauseError> {
+        self.pause_control().release(&self.vcpus)
+    }
+
+    /// [`RunningVm::pause`] without the latency.
+    pub fn pause_vcpus(&self) -> Result<(), PauseError> {
+        self.pause().map(|_| ())
+    }
+
+    /// [`RunningVm::resume`] without the outcome.
+    pub fn resume_vcpus(&self) -> Result<(), PauseError> {
+        self.resume().map(|_| ())
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.pause_control().is_paused()
+    }
+
+    /// Latencies of the pauses that stopped the vCPUs.
+    pub fn pause_stats(&self) -> PauseStats {
+        self.pause_control().stats().clone()
+    }
+
+    /// The paused VM's vCPU state and memory; `NotPaused` while the vCPUs run. The VM
+    /// stays paused while the result is borrowed (resuming needs a hold it does not give
+    /// back, and the event loop that answers API requests is this thread).
+    pub fn paused_vm(&self) -> Result<PausedVm<'_>, PauseError> {
+        if !self.is_paused() {
+            return Err(PauseError::NotPaused);
+        }
+        Ok(PausedVm::new(
+            &self.vcpus,
+            &self.msr_indices,
+            self.vm.memory(),
+        ))
+    }
+
+    /// Pauses the VM (if it is not already), runs `f` on it, and drops the hold again:
+    /// the stop-the-world window of a live patch.
+    pub fn with_paused<R>(&self, f: impl FnOnce(&PausedVm<'_>) -> R) -> Result<R, PauseError> {
+        self.pause()?;
+        let result = self.paused_vm().map(|p| f(&p));
+        self.resume()?;
+        result
+    }
+}
+
+/// The fds the loop waits on while the VM is paused: stop signals, the exit eventfd and
+/// the API's wake-up. All are non-blocking eventfds that are only drained here.
+struct PausedWait {
+    epoll: Epoll,
+    fds: Vec<Arc<EventFd>>,
+}
+
+impl PausedWait {
+    fn new(stop_evt: &Arc<EventFd>, exit: &ExitSignal) -> Result<Self, BuildError> {
+        let epoll = Epoll::new().map_err(io_err("epoll"))?;
+        let mut wait = PausedWait {
+            epoll,
+            fds: Vec::new(),
+        };
+        wait.add(stop_evt)?;
+        use std::os::unix::io::AsRawFd;
+        let exit_fd = exit.eventfd().as_raw_fd();
+        wait.epoll
+            .ctl(
+                ControlOperation::Add,
+                exit_fd,
+                EpollEvent::new(EventSet::IN, exit_fd as u64),
+            )
+            .map_err(io_err("epoll"))?;
+        Ok(wait)
+    }
+
+    fn add(&mut self, fd: &Arc<EventFd>) -> Result<(), BuildError> {
+        use std::os::unix::io::AsRawFd;
+        let raw = fd.as_raw_fd();
+        self.epoll
+            .ctl(
+                ControlOperation::Add,
+                raw,
+                EpollEvent::new(EventSet::IN, raw as u64),
+            )
+            .map_err(io_err("epoll"))?;
+        self.fds.push(fd.clone());
+        Ok(())
+    }
+
+    /// Waits up to `timeout_ms` for a stop signal, an exit request or an API request.
+    fn wait(&self, timeout_ms: i32, exit: &ExitSignal) -> Result<(), String> {
+        let mut events = [EpollEvent::default(); 4];
+        match self.epoll.wait(timeout_ms, &mut events) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        }
+        // The stop eventfd is the first; the API wake-up is drained (its requests are
+        // picked up by the loop); the exit eventfd only wakes the loop.
+        if let Some(stop) = self.fds.first() {
+            if stop.read().is_ok() {
+                exit.request(ExitReason::Signal(signals::last_signal()));
+            }
+        }
+        for fd in self.fds.iter().skip(1) {
+            let _ = fd.read();
+        }
+        let _ = exit.eventfd().read();
+        Ok(())
+    }
+}
+
 /// Drains an eventfd whose only job is to wake the event loop.
 struct WakeDrain(Arc<EventFd>);
 
@@ -610,7 +752,7 @@ impl MutEventSubscriber for WakeDrain {
 
 /// Turns SIGINT/SIGTERM and the exit eventfd into loop wake-ups.
 struct StopWatcher {
-    stop_evt: EventFd,
+    stop_evt: Arc<EventFd>,
     exit: Arc<ExitSignal>,
 }
 

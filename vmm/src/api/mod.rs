@@ -3,5 +3,6 @@
 pub mod client;
 pub mod handler;
 pub mod http;
+pub mod registers;
 pub mod routes;
 pub mod server;

@@ -8,7 +8,7 @@ use crate::arch::x86_64::emulate::FallbackStats;
 use crate::builder::{self, kvm_err, progress, BuildError, RunningVm};
 use crate::config::ConsoleConfig;
 use crate::vstate::exit::ExitSignal;
-use crate::vstate::vcpu::{self, Vcpu, VcpuEvent, VcpuResponse};
+use crate::vstate::vcpu::{self, Vcpu};
 use crate::vstate::vm::{self, Vm};
 
 use super::snapshot::{
@@ -16,9 +16,6 @@ use super::snapshot::{
     STATE_FILE,
 };
 use super::{memory_file, state_file, vcpu_state, vm_state};
-
-/// How long a vCPU may take to answer a control request.
-const VCPU_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a snapshot took.
 #[derive(Debug, Clone)]
@@ -31,36 +28,6 @@ pub struct SnapshotInfo {
 }
 
 impl RunningVm {
-    /// Stops every vCPU outside `KVM_RUN`.
-    pub fn pause_vcpus(&self) -> Result<(), SnapshotError> {
-        for v in &self.vcpus {
-            v.send(VcpuEvent::Pause)
-                .map_err(|e| SnapshotError::Vcpu(e.to_string()))?;
-        }
-        for v in &self.vcpus {
-            match v.wait(VCPU_TIMEOUT) {
-                Ok(VcpuResponse::Paused) => {}
-                Ok(other) => return Err(SnapshotError::Vcpu(format!("vCPU {}: {other:?}", v.id))),
-                Err(e) => return Err(SnapshotError::Vcpu(e.to_string())),
-            }
-        }
-        Ok(())
-    }
-
-    /// Lets every vCPU run again.
-    pub fn resume_vcpus(&self) -> Result<(), SnapshotError> {
-        for v in &self.vcpus {
-            v.send(VcpuEvent::Resume)
-                .map_err(|e| SnapshotError::Vcpu(e.to_string()))?;
-            match v.wait(VCPU_TIMEOUT) {
-                Ok(VcpuResponse::Resumed) => {}
-                Ok(other) => return Err(SnapshotError::Vcpu(format!("vCPU {}: {other:?}", v.id))),
-                Err(e) => return Err(SnapshotError::Vcpu(e.to_string())),
-            }
-        }
-        Ok(())
-    }
-
     /// Pauses the VM, writes `dir/state` and `dir/memory`, and resumes it unless `stop`.
     /// Runs on the VMM thread, so the device event loop is idle meanwhile.
     pub fn snapshot(&mut self, dir: &Path, stop: bool) -> Result<SnapshotInfo, SnapshotError> {
@@ -69,11 +36,13 @@ impl RunningVm {
             source,
         })?;
         let started = Instant::now();
-        self.pause_vcpus()?;
+        let vcpu_err = |e: crate::vstate::pause::PauseError| SnapshotError::Vcpu(e.to_string());
+        // A pause hold: a VM an API client paused stays paused after the snapshot.
+        self.pause().map_err(vcpu_err)?;
         let result = self.write_snapshot(dir);
         let paused_for = started.elapsed();
         if !stop {
-            self.resume_vcpus()?;
+            self.resume().map_err(vcpu_err)?;
         }
         let (state_bytes, memory_bytes) = result?;
         Ok(SnapshotInfo {
@@ -85,18 +54,10 @@ impl RunningVm {
     }
 
     fn write_snapshot(&self, dir: &Path) -> Result<(u64, u64), SnapshotError> {
-        let mut vcpus = Vec::with_capacity(self.vcpus.len());
-        for v in &self.vcpus {
-            v.send(VcpuEvent::SaveState(self.msr_indices.clone()))
-                .map_err(|e| SnapshotError::Vcpu(e.to_string()))?;
-            match v.wait(VCPU_TIMEOUT) {
-                Ok(VcpuResponse::State(state)) => {
-                    vcpus.push((*state).map_err(SnapshotError::Vcpu)?);
-                }
-                Ok(other) => return Err(SnapshotError::Vcpu(format!("vCPU {}: {other:?}", v.id))),
-                Err(e) => return Err(SnapshotError::Vcpu(e.to_string())),
-            }
-        }
+        let vcpus = self
+            .paused_vm()
+            .and_then(|p| p.vcpu_states())
+            .map_err(|e| SnapshotError::Vcpu(e.to_string()))?;
         let mut machine = self.machine.clone();
         if let Some(disk) = &mut machine.disk {
             let (size, sha256) = disk_identity(&disk.path)?;

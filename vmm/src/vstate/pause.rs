@@ -1,0 +1,296 @@
+//! Pausing a VM: every vCPU stopped outside `KVM_RUN` (the kick in `vcpu.rs`), pause
+//! holds that nest (an API pause and a snapshot or a live patch inside it), the register
+//! state of a paused VM for the rest of the VMM ([`PausedVm`]), and how long pauses take.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vm_memory::GuestMemoryMmap;
+
+use crate::persist::vcpu_state::VcpuState;
+use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuResponse};
+
+/// How long one vCPU may take to answer a pause, resume or state request.
+pub const VCPU_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors pausing, resuming or reading a paused VM.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("vCPU {vcpu}: cannot read its state: {detail}")]
+    State { vcpu: u8, detail: String },
+    #[error("the VM is not paused")]
+    NotPaused,
+    #[error("no vCPU with id {0}")]
+    NoSuchVcpu(u8),
+}
+
+/// Waits for `handle`'s reply that `accept` takes, dropping stale replies (a vCPU that
+/// answered late to an earlier request) until `timeout` runs out.
+fn wait_for<T>(
+    handle: &VcpuHandle,
+    timeout: Duration,
+    mut accept: impl FnMut(VcpuResponse) -> Option<T>,
+) -> Result<T, PauseError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let reply = handle.wait(left).map_err(|e| match e {
+            VcpuError::Timeout(id, _) => VcpuError::Timeout(id, timeout),
+            other => other,
+        })?;
+        match accept(reply) {
+            Some(v) => return Ok(v),
+            None => tracing::debug!("vCPU {}: dropped a stale reply", handle.id),
+        }
+    }
+}
+
+/// Kicks every vCPU out of `KVM_RUN` and waits until all of them are parked. The kicks
+/// all go out first, so the vCPUs stop in parallel. A vCPU finishes the exit it is
+/// handling (a port or MMIO access completes on its bus) and `KVM_RUN` has completed
+/// any I/O it owed the guest before the thread parks; each calls `KVM_KVMCLOCK_CTRL`.
+/// If one does not stop, the others are started again and the error is returned.
+pub fn pause_all(vcpus: &[VcpuHandle]) -> Result<(), PauseError> {
+    let result = (|| {
+        for v in vcpus {
+            v.send(VcpuEvent::Pause)?;
+        }
+        for v in vcpus {
+            wait_for(v, VCPU_TIMEOUT, |r| {
+                (r == VcpuResponse::Paused).then_some(())
+            })?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        if let Err(e) = resume_all(vcpus) {
+            tracing::warn!("after a failed pause: {e}");
+        }
+    }
+    result
+}
+
+/// Lets every parked vCPU enter the guest again.
+pub fn resume_all(vcpus: &[VcpuHandle]) -> Result<(), PauseError> {
+    for v in vcpus {
+        v.send(VcpuEvent::Resume)?;
+    }
+    for v in vcpus {
+        wait_for(v, VCPU_TIMEOUT, |r| {
+            (r == VcpuResponse::Resumed).then_some(())
+        })?;
+    }
+    Ok(())
+}
+
+/// Reads one parked vCPU's whole state (registers, special registers, `msrs`, LAPIC,
+/// XSAVE, events, MP state) on its own thread, after completing any I/O `KVM_RUN` owed.
+pub fn save_one(handle: &VcpuHandle, msrs: &Arc<Vec<u32>>) -> Result<VcpuState, PauseError> {
+    handle.send(VcpuEvent::SaveState(msrs.clone()))?;
+    let state = wait_for(handle, VCPU_TIMEOUT, |r| match r {
+        VcpuResponse::State(s) => Some(*s),
+        _ => None,
+    })?;
+    state.map_err(|detail| PauseError::State {
+        vcpu: handle.id,
+        detail,
+    })
+}
+
+/// Pause latencies: how many pauses, and the most recent ones for percentiles.
+#[derive(Debug, Clone, Default)]
+pub struct PauseStats {
+    count: u64,
+    recent_us: VecDeque<u64>,
+}
+
+/// A summary of [`PauseStats`], in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PauseSummary {
+    pub count: u64,
+    /// Pauses the percentiles are taken over (the most recent ones).
+    pub window: usize,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+}
+
+impl PauseStats {
+    /// Percentiles are over this many most recent pauses.
+    pub const WINDOW: usize = 10_000;
+
+    pub fn record(&mut self, latency: Duration) {
+        self.count += 1;
+        if self.recent_us.len() == Self::WINDOW {
+            self.recent_us.pop_front();
+        }
+        self.recent_us
+            .push_back(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn summary(&self) -> PauseSummary {
+        let mut v: Vec<u64> = self.recent_us.iter().copied().collect();
+        v.sort_unstable();
+        // Nearest rank: the smallest value with at least p% of the samples at or below it.
+        let pct = |p: usize| match v.len() {
+            0 => 0,
+            n => v[(n * p).div_ceil(100).max(1) - 1],
+        };
+        PauseSummary {
+            count: self.count,
+            window: v.len(),
+            p50_us: pct(50),
+            p99_us: pct(99),
+            max_us: v.last().copied().unwrap_or(0),
+        }
+    }
+}
+
+/// Whether the vCPUs are paused, by how many holders, and the pause latencies.
+///
+/// Pauses nest: the first hold stops the vCPUs, the last release starts them again, so a
+/// snapshot or a live patch taken while a client holds the VM paused leaves it paused.
+#[derive(Debug, Default)]
+pub struct PauseControl {
+    holds: u32,
+    stats: PauseStats,
+}
+
+impl PauseControl {
+    pub fn is_paused(&self) -> bool {
+        self.holds > 0
+    }
+
+    /// Adds a hold, stopping the vCPUs if it is the first. Returns the time from the call
+    /// to every vCPU parked when this call stopped them, `None` when they already were.
+    pub fn hold(&mut self, vcpus: &[VcpuHandle]) -> Result<Option<Duration>, PauseError> {
+        if self.holds > 0 {
+            self.holds += 1;
+            return Ok(None);
+        }
+        let started = Instant::now();
+        pause_all(vcpus)?;
+        let latency = started.elapsed();
+        self.holds = 1;
+        self.stats.record(latency);
+        Ok(Some(latency))
+    }
+
+    /// Drops a hold, starting the vCPUs again if it was the last. Returns whether they run.
+    pub fn release(&mut self, vcpus: &[VcpuHandle]) -> Result<bool, PauseError> {
+        match self.holds {
+            0 => Err(PauseError::NotPaused),
+            1 => {
+                resume_all(vcpus)?;
+                self.holds = 0;
+                Ok(true)
+            }
+            _ => {
+                self.holds -= 1;
+                Ok(false)
+            }
+        }
+    }
+
+    pub fn stats(&self) -> &PauseStats {
+        &self.stats
+    }
+}
+
+/// A VM whose vCPUs are all parked outside `KVM_RUN`: what the live patcher and the
+/// introspection code read. Obtained from `RunningVm::paused_vm` or `RunningVm::with_paused`;
+/// while it is borrowed nothing can resume the VM.
+pub struct PausedVm<'a> {
+    vcpus: &'a [VcpuHandle],
+    msr_indices: &'a Arc<Vec<u32>>,
+    memory: &'a GuestMemoryMmap,
+}
+
+impl<'a> PausedVm<'a> {
+    pub(crate) fn new(
+        vcpus: &'a [VcpuHandle],
+        msr_indices: &'a Arc<Vec<u32>>,
+        memory: &'a GuestMemoryMmap,
+    ) -> Self {
+        PausedVm {
+            vcpus,
+            msr_indices,
+            memory,
+        }
+    }
+
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// One vCPU's full state: `regs`, `sregs` (CR0/CR2/CR3/CR4/CR8, EFER, APIC base,
+    /// segments, GDT/IDT), every MSR KVM saves (KERNEL_GS_BASE, LSTAR, STAR, SYSENTER_*,
+    /// TSC, …), LAPIC, XSAVE, debug registers, events and MP state.
+    pub fn vcpu_state(&self, id: u8) -> Result<VcpuState, PauseError> {
+        let handle = self
+            .vcpus
+            .iter()
+            .find(|v| v.id == id)
+            .ok_or(PauseError::NoSuchVcpu(id))?;
+        save_one(handle, self.msr_indices)
+    }
+
+    /// Every vCPU's state, in vCPU id order.
+    pub fn vcpu_states(&self) -> Result<Vec<VcpuState>, PauseError> {
+        self.vcpus
+            .iter()
+            .map(|v| save_one(v, self.msr_indices))
+            .collect()
+    }
+
+    /// Guest RAM (nothing in the guest writes it while paused).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        self.memory
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank_over_a_bounded_window() {
+        let mut s = PauseStats::default();
+        assert_eq!(s.summary().p99_us, 0);
+        for us in 1..=100 {
+            s.record(Duration::from_micros(us));
+        }
+        let sum = s.summary();
+        assert_eq!((sum.count, sum.window), (100, 100));
+        assert_eq!((sum.p50_us, sum.p99_us, sum.max_us), (50, 99, 100));
+        for _ in 0..PauseStats::WINDOW {
+            s.record(Duration::from_micros(7));
+        }
+        let sum = s.summary();
+        assert_eq!(sum.count, 100 + PauseStats::WINDOW as u64);
+        assert_eq!(sum.window, PauseStats::WINDOW);
+        assert_eq!((sum.p50_us, sum.p99_us, sum.max_us), (7, 7, 7));
+    }
+
+    #[test]
+    fn releasing_an_unpaused_vm_is_an_error() {
+        let mut c = PauseControl::default();
+        assert!(!c.is_paused());
+        assert!(matches!(c.release(&[]), Err(PauseError::NotPaused)));
+        // With no vCPUs, holds still nest.
+        assert!(c.hold(&[]).unwrap().is_some());
+        assert_eq!(c.hold(&[]).unwrap(), None);
+        assert!(!c.release(&[]).unwrap());
+        assert!(c.is_paused());
+        assert!(c.release(&[]).unwrap());
+        assert!(!c.is_paused());
+        assert_eq!(c.stats().count(), 1);
+    }
+}
