@@ -526,9 +526,9 @@ impl RunningVm {
             None => return None,
         };
         let mut stop = None;
-        for (req, reply) in pending {
-            let (resp, exit) = self.handle_api(req);
-            let _ = reply.send(resp);
+        for p in pending {
+            let (resp, exit) = self.handle_api(p.request, p.received);
+            let _ = p.reply.send(resp);
             stop = stop.or(exit);
         }
         stop

@@ -1,6 +1,7 @@
 //! What the VMM thread does for each API request.
 
 use std::path::Path;
+use std::time::Instant;
 
 use serde_json::json;
 
@@ -11,11 +12,16 @@ use crate::vstate::exit::ExitReason;
 use crate::vstate::pause::PauseError;
 
 impl RunningVm {
-    /// Answers one API request. Returns an exit reason when the VM must stop.
-    pub fn handle_api(&mut self, req: ApiRequest) -> (ApiResponse, Option<ExitReason>) {
+    /// Answers one API request, which the API thread had complete at `received`.
+    /// Returns an exit reason when the VM must stop.
+    pub fn handle_api(
+        &mut self,
+        req: ApiRequest,
+        received: Instant,
+    ) -> (ApiResponse, Option<ExitReason>) {
         match req {
             ApiRequest::Status => (ApiResponse::ok(self.status_json()), None),
-            ApiRequest::SetState { paused: true } => (self.api_pause(), None),
+            ApiRequest::SetState { paused: true } => (self.api_pause(received), None),
             ApiRequest::SetState { paused: false } => (self.api_resume(), None),
             ApiRequest::Vcpus => (self.vcpus_json(), None),
             ApiRequest::Snapshot { dir, stop } => match self.snapshot(Path::new(&dir), stop) {
@@ -47,15 +53,21 @@ impl RunningVm {
         }
     }
 
-    fn api_pause(&mut self) -> ApiResponse {
+    fn api_pause(&mut self, received: Instant) -> ApiResponse {
         if self.paused {
             return ApiResponse::error(409, "the VM is already paused");
         }
+        let us = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         match self.pause() {
-            Ok(latency) => {
+            Ok(stopped_in) => {
                 self.paused = true;
-                let us = latency.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-                ApiResponse::ok(json!({"state": "paused", "paused_in_us": us}))
+                // Request (at the API thread) to every vCPU parked; and the part of it from
+                // the first kick to the last vCPU's answer (the pause histogram's figure).
+                ApiResponse::ok(json!({
+                    "state": "paused",
+                    "paused_in_us": us(received.elapsed()),
+                    "vcpus_stopped_in_us": stopped_in.map_or(0, us),
+                }))
             }
             Err(e) => ApiResponse::error(500, e.to_string()),
         }

@@ -7,7 +7,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -29,7 +29,12 @@ pub enum ServerError {
 }
 
 /// A request waiting for the VMM thread, with where to send the answer.
-pub type Pending = (ApiRequest, Sender<ApiResponse>);
+pub struct Pending {
+    pub request: ApiRequest,
+    pub reply: Sender<ApiResponse>,
+    /// When the API thread had the whole request (latencies are measured from here).
+    pub received: Instant,
+}
 
 /// The VMM thread's end of the API.
 pub struct ApiChannel {
@@ -71,9 +76,14 @@ fn serve(mut stream: UnixStream, to_vmm: &Sender<Pending>, wake: &EventFd) {
         Err(e) => ApiResponse::error(400, e.to_string()),
         Ok(req) => match routes::route(&req) {
             Err(resp) => resp,
-            Ok(api) => {
-                let (tx, rx) = channel();
-                if to_vmm.send((api, tx)).is_err() {
+            Ok(request) => {
+                let (reply, rx) = channel();
+                let pending = Pending {
+                    request,
+                    reply,
+                    received: Instant::now(),
+                };
+                if to_vmm.send(pending).is_err() {
                     ApiResponse::error(500, "the VM is shutting down")
                 } else {
                     let _ = wake.write(1);
