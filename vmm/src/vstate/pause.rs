@@ -259,6 +259,98 @@ impl<'a> PausedVm<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::arch::x86_64::boot::ram_regions;
+    use crate::arch::x86_64::emulate::FallbackStats;
+    use crate::arch::x86_64::regs;
+    use crate::devices::bus::Bus;
+    use crate::vstate::exit::ExitSignal;
+    use crate::vstate::vcpu::{install_kick_handler, Vcpu};
+    use crate::vstate::vm::{allocate_memory, open_kvm, Vm};
+    use std::sync::Barrier;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// Two vCPUs on real KVM: the boot vCPU counts in RAX forever (`inc rax; jmp $-3`), the
+    /// other waits for INIT/SIPI inside `KVM_RUN`. Both must stop, read the same while
+    /// paused, and the counter must move again after resume.
+    #[test]
+    fn pauses_a_running_and_a_waiting_vcpu_and_reads_their_state() {
+        let kvm = open_kvm().expect("this test needs a working /dev/kvm");
+        let memory = allocate_memory(&ram_regions(2 << 20)).unwrap();
+        let vm = Vm::new(&kvm, memory).unwrap();
+        let mem = vm.memory().clone();
+        const CODE: u64 = 0x1_0000;
+        mem.write_slice(&[0x48, 0xff, 0xc0, 0xeb, 0xfb], GuestAddress(CODE))
+            .unwrap();
+        install_kick_handler().unwrap();
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let barrier = Arc::new(Barrier::new(3));
+        let mut handles = Vec::new();
+        for id in 0..2u8 {
+            let fd = vm.fd().create_vcpu(u64::from(id)).unwrap();
+            if id == 0 {
+                let mut sregs = fd.get_sregs().unwrap();
+                regs::setup_long_mode(&mem, &mut sregs).unwrap();
+                fd.set_sregs(&sregs).unwrap();
+                fd.set_regs(&regs::boot_regs(GuestAddress(CODE))).unwrap();
+            }
+            let vcpu = Vcpu::new(
+                id,
+                fd,
+                Arc::new(Bus::new()),
+                Arc::new(Bus::new()),
+                mem.clone(),
+                exit.clone(),
+                Arc::new(FallbackStats::default()),
+            );
+            handles.push(vcpu.start(barrier.clone()).unwrap());
+        }
+        barrier.wait();
+        std::thread::sleep(Duration::from_millis(50));
+
+        let msrs = Arc::new(vec![0xc000_0102u32]);
+        let mut control = PauseControl::default();
+        let read = |vcpus: &[VcpuHandle]| {
+            PausedVm::new(vcpus, &msrs, &mem)
+                .vcpu_states()
+                .unwrap()
+                .iter()
+                .map(|s| (s.regs.rip, s.regs.rax, s.mp_state.mp_state, s.msrs.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert!(control.hold(&handles).unwrap().is_some());
+        let first = read(&handles);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(first, read(&handles), "state changed while paused");
+        assert_eq!(first[0].3, vec![(0xc000_0102, 0)], "KERNEL_GS_BASE");
+        assert!((CODE..CODE + 5).contains(&first[0].0), "{:#x}", first[0].0);
+        assert_eq!(
+            first[1].2,
+            kvm_bindings::KVM_MP_STATE_UNINITIALIZED,
+            "the AP still waits for SIPI"
+        );
+        // A nested hold does not pause again; the last release resumes.
+        assert_eq!(control.hold(&handles).unwrap(), None);
+        assert!(!control.release(&handles).unwrap());
+        assert!(control.release(&handles).unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+        control.hold(&handles).unwrap();
+        let later = read(&handles);
+        assert_ne!(first[0].1, later[0].1, "RAX did not count after resume");
+        control.release(&handles).unwrap();
+        // States cannot be read from running vCPUs.
+        assert!(matches!(
+            save_one(&handles[0], &msrs),
+            Err(PauseError::State { vcpu: 0, .. })
+        ));
+        for h in &handles {
+            h.send(VcpuEvent::Finish).unwrap();
+        }
+        for h in handles {
+            h.join(Duration::from_secs(2));
+        }
+        assert!(exit.reason().is_none(), "{:?}", exit.reason());
+        assert_eq!(control.stats().count(), 2);
+    }
 
     #[test]
     fn percentiles_use_nearest_rank_over_a_bounded_window() {
