@@ -130,3 +130,69 @@ pub fn start(path: &Path) -> Result<ApiChannel, ServerError> {
         path: path.to_path_buf(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::client;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn temp_socket(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vmm-api-unit-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir.join("nested").join("api.sock")
+    }
+
+    #[test]
+    fn serves_on_a_private_socket_and_refuses_one_in_use() {
+        let path = temp_socket("serve");
+        let api = start(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(start(&path), Err(ServerError::InUse(_))));
+
+        // Routing errors are answered by the API thread itself.
+        let (status, body) = client::request(&path, "GET", "/nope", None).unwrap();
+        assert_eq!(status, 404);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(v["error"].as_str().is_some(), "{body}");
+
+        // Routed requests reach the VMM thread's end, with their arrival time.
+        let vmm = std::thread::spawn(move || {
+            let p = api.requests.recv().unwrap();
+            assert_eq!(p.request, ApiRequest::Status);
+            assert!(p.received.elapsed() < Duration::from_secs(10));
+            p.reply
+                .send(ApiResponse::ok(serde_json::json!({"ok": 1})))
+                .unwrap();
+            api
+        });
+        let (status, body) = client::request(&path, "GET", "/vm", None).unwrap();
+        assert_eq!((status, body.as_str()), (200, r#"{"ok":1}"#));
+        drop(vmm.join().unwrap());
+        assert!(!path.exists(), "the socket file goes with the VM");
+        assert!(matches!(
+            client::request(&path, "GET", "/vm", None),
+            Err(client::ClientError::Connect { .. })
+        ));
+    }
+
+    #[test]
+    fn a_stale_socket_file_is_replaced() {
+        let path = temp_socket("stale");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        drop(UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let api = start(&path).unwrap();
+        let (status, _) = client::request(&path, "DELETE", "/vm", None).unwrap();
+        assert_eq!(status, 405);
+        drop(api);
+    }
+
+    #[test]
+    fn default_sockets_are_per_name() {
+        let p = default_socket("web1");
+        assert_eq!(p.file_name().unwrap(), "web1.sock");
+        assert_eq!(p.parent().unwrap().file_name().unwrap(), "vmm");
+    }
+}
