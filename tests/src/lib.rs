@@ -308,6 +308,9 @@ fn mtime_key(path: &Path) -> String {
     format!("{:x}-{:x}", meta.len(), mtime)
 }
 
+/// Version of the fixture snapshot's contents (2: guest memory includes the patch area).
+pub const FIXTURE_VERSION: u32 = 2;
+
 /// A snapshot of `guest.img` booted as a kernel-only guest (2 vCPUs), taken 20 s after it
 /// is up. Built once (a cold boot: many minutes on PVM hosts, with progress on stderr)
 /// and reused while the guest image and the vmm binary are unchanged.
@@ -316,7 +319,10 @@ pub fn kernel_guest_snapshot() -> PathBuf {
     SNAP.get_or_init(|| {
         require_kvm();
         let image = guest_artifact("guest.img");
-        let key = format!("{}-{}", mtime_key(&image), mtime_key(&vmm_binary()));
+        // Keyed by the guest image and by what the snapshot must contain; bump
+        // FIXTURE_VERSION when the VM layout or the state file changes. (A state file
+        // this build cannot read is refused by the restore with a clear error anyway.)
+        let key = format!("{}-v{FIXTURE_VERSION}", mtime_key(&image));
         let root = workspace_root().join("target/test-fixtures");
         let dir = root.join(format!("kernel-guest-{key}"));
         if dir.join("complete").exists() {

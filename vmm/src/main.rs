@@ -180,16 +180,7 @@ fn init_logging(filter: &str) {
 }
 
 fn run(args: RunArgs) -> Result<i32, String> {
-    if let Some(dir) = &args.restore {
-        let socket = args.api.socket();
-        ensure_socket_free(&socket)?;
-        let mut vm = vmm::persist::vm_snapshot::restore_and_start(dir, args.disk, &args.console)
-            .map_err(|e| e.to_string())?;
-        vm.serve_api(&socket, &args.api.name)
-            .map_err(|e| e.to_string())?;
-        return Ok(finish(vm));
-    }
-    if args.disk.is_some() && args.kernel.is_none() {
+    if args.disk.is_some() && args.kernel.is_none() && args.restore.is_none() {
         return Err("--disk goes with --kernel or --restore (an image is its own disk)".into());
     }
     if !(0.0..=86400.0).contains(&args.snapshot_delay) {
@@ -207,6 +198,20 @@ fn run(args: RunArgs) -> Result<i32, String> {
         }),
         _ => None,
     };
+    if let Some(dir) = &args.restore {
+        let socket = args.api.socket();
+        ensure_socket_free(&socket)?;
+        let mut vm = vmm::persist::vm_snapshot::restore_and_start_with(
+            dir,
+            args.disk,
+            &args.console,
+            trigger.as_ref(),
+        )
+        .map_err(|e| e.to_string())?;
+        vm.serve_api(&socket, &args.api.name)
+            .map_err(|e| e.to_string())?;
+        return Ok(finish(vm));
+    }
     let (cpus, memory_mib) =
         VmConfig::validate(args.cpus, args.memory).map_err(|e| e.to_string())?;
     let (boot, disk) = match (args.image, args.kernel) {

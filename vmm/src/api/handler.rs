@@ -37,6 +37,39 @@ impl RunningVm {
                 ),
                 Err(e) => (ApiResponse::error(500, e.to_string()), None),
             },
+            ApiRequest::ApplyPatch {
+                bundle,
+                force,
+                deadline_ms,
+            } => match self.apply_bundle(
+                &bundle,
+                force,
+                std::time::Duration::from_millis(deadline_ms),
+            ) {
+                Ok(v) => (ApiResponse::ok(v), None),
+                Err(e @ crate::patching::apply::PatchError::Paused) => {
+                    (ApiResponse::error(409, e.to_string()), None)
+                }
+                Err(e @ crate::patching::apply::PatchError::Bundle { .. }) => {
+                    (ApiResponse::error(400, e.to_string()), None)
+                }
+                Err(e) => (ApiResponse::error(422, e.to_string()), None),
+            },
+            ApiRequest::DisablePatch { name, force } => match self.disable_bundle(&name, force) {
+                Ok(()) => (
+                    ApiResponse::ok(json!({"name": name, "state": "disabled"})),
+                    None,
+                ),
+                Err(e) => (ApiResponse::error(422, e.to_string()), None),
+            },
+            ApiRequest::ListPatches => (
+                ApiResponse::ok(json!({ "bundles": self.ledger().bundles() })),
+                None,
+            ),
+            ApiRequest::PatchEvents => (
+                ApiResponse::ok(json!({ "events": self.ledger().events() })),
+                None,
+            ),
             ApiRequest::Sysrq { key } => {
                 if self.is_paused() {
                     // The device loop is frozen: nothing reaches a paused guest.

@@ -17,6 +17,18 @@ pub enum ApiRequest {
     Snapshot { dir: String, stop: bool },
     /// `PUT /console/sysrq {"key": "h"}`
     Sysrq { key: char },
+    /// `PUT /patches {"bundle": "/abs/path", "force": false, "deadline_ms": 15000}`
+    ApplyPatch {
+        bundle: String,
+        force: bool,
+        deadline_ms: u64,
+    },
+    /// `PUT /patches/disable {"name": "...", "force": false}`
+    DisablePatch { name: String, force: bool },
+    /// `GET /patches`
+    ListPatches,
+    /// `GET /patches/events`
+    PatchEvents,
 }
 
 /// A response: HTTP status and JSON body.
@@ -65,6 +77,28 @@ struct SnapshotBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct PatchBody {
+    bundle: String,
+    #[serde(default)]
+    force: bool,
+    #[serde(default = "default_deadline")]
+    deadline_ms: u64,
+}
+
+fn default_deadline() -> u64 {
+    15_000
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisableBody {
+    name: String,
+    #[serde(default)]
+    force: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct SysrqBody {
     key: String,
 }
@@ -79,8 +113,10 @@ pub fn route(req: &Request) -> Result<ApiRequest, ApiResponse> {
     let method = req.method.as_str();
     let allowed = match path {
         "/vm" => "GET",
-        "/vm/state" | "/snapshot" | "/console/sysrq" => "PUT",
-        "/vm/vcpus" => "GET",
+        "/vm/state" | "/snapshot" | "/console/sysrq" | "/patches/disable" => "PUT",
+        "/vm/vcpus" | "/patches/events" => "GET",
+        "/patches" if req.method == "GET" => "GET",
+        "/patches" => "PUT",
         _ => return Err(ApiResponse::error(404, format!("no endpoint {path}"))),
     };
     if method != allowed {
@@ -92,6 +128,26 @@ pub fn route(req: &Request) -> Result<ApiRequest, ApiResponse> {
     match path {
         "/vm" => Ok(ApiRequest::Status),
         "/vm/vcpus" => Ok(ApiRequest::Vcpus),
+        "/patches/events" => Ok(ApiRequest::PatchEvents),
+        "/patches" if method == "GET" => Ok(ApiRequest::ListPatches),
+        "/patches" => {
+            let b: PatchBody = json(&req.body)?;
+            if b.deadline_ms == 0 || b.deadline_ms > 3_600_000 {
+                return Err(ApiResponse::error(400, "deadline_ms must be 1..=3600000"));
+            }
+            Ok(ApiRequest::ApplyPatch {
+                bundle: b.bundle,
+                force: b.force,
+                deadline_ms: b.deadline_ms,
+            })
+        }
+        "/patches/disable" => {
+            let b: DisableBody = json(&req.body)?;
+            Ok(ApiRequest::DisablePatch {
+                name: b.name,
+                force: b.force,
+            })
+        }
         "/vm/state" => {
             let b: StateBody = json(&req.body)?;
             match b.state.as_str() {

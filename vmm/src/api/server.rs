@@ -96,6 +96,33 @@ fn serve(mut stream: UnixStream, to_vmm: &Sender<Pending>, wake: &EventFd) {
     let _ = http::write_response(&mut stream, response.status, &response.body);
 }
 
+/// Binds a socket that is never reachable with wider permissions than 0600: it is bound in
+/// a fresh 0700 directory next to `path`, restricted, then renamed into place.
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::DirBuilderExt;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent)?;
+    let name = path.file_name().ok_or(std::io::ErrorKind::InvalidInput)?;
+    let staging = parent.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::DirBuilder::new().mode(0o700).create(&staging)?;
+    let staged = staging.join("s");
+    let result = UnixListener::bind(&staged).and_then(|listener| {
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staged, path)?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_dir_all(&staging);
+    result
+}
+
 /// Creates the socket at `path` and starts the API thread.
 pub fn start(path: &Path) -> Result<ApiChannel, ServerError> {
     if path.exists() {
@@ -108,11 +135,7 @@ pub fn start(path: &Path) -> Result<ApiChannel, ServerError> {
         path: path.display().to_string(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(bind_err)?;
-    }
-    let listener = UnixListener::bind(path).map_err(bind_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    let listener = bind_private(path).map_err(bind_err)?;
     let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(ServerError::EventFd)?);
     let (tx, rx) = channel();
     let thread_wake = wake.clone();

@@ -101,7 +101,8 @@ impl VmSnapshot {
             }
         }
         let ram: u64 = self.ram.iter().map(|r| r.1).sum();
-        if ram != self.machine.memory_mib << 20 {
+        let expected = self.machine.memory_mib << 20;
+        if ram != expected && ram != expected + crate::arch::x86_64::layout::PATCH_AREA_SIZE {
             return bad(format!(
                 "{ram} bytes of RAM regions for {} MiB",
                 self.machine.memory_mib

@@ -97,6 +97,16 @@ pub fn restore_and_start(
     disk: Option<PathBuf>,
     console: &ConsoleConfig,
 ) -> Result<RunningVm, BuildError> {
+    restore_and_start_with(dir, disk, console, None)
+}
+
+/// [`restore_and_start`], snapshotting again when `snapshot_trigger` fires.
+pub fn restore_and_start_with(
+    dir: &Path,
+    disk: Option<PathBuf>,
+    console: &ConsoleConfig,
+    snapshot_trigger: Option<&builder::SnapshotTrigger>,
+) -> Result<RunningVm, BuildError> {
     let started = Instant::now();
     let restore_err = |e: SnapshotError| BuildError::Restore(e.to_string());
     let snap: VmSnapshot =
@@ -139,7 +149,7 @@ pub fn restore_and_start(
         &exit,
         &mut event_manager,
         Some((&snap.serial, snap.block.as_ref())),
-        None,
+        snapshot_trigger.map(|t| t.watch.clone()),
     )?;
 
     vcpu::install_kick_handler()?;
@@ -187,7 +197,7 @@ pub fn restore_and_start(
         machine.memory_mib,
         started.elapsed().as_secs_f64() * 1000.0
     ));
-    builder::start(
+    let mut running = builder::start(
         vm,
         vcpus,
         event_manager,
@@ -198,7 +208,9 @@ pub fn restore_and_start(
         devices.block,
         machine,
         msr_indices,
-    )
+    )?;
+    running.snapshot_trigger = snapshot_trigger.cloned();
+    Ok(running)
 }
 
 #[cfg(test)]

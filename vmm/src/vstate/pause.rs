@@ -205,8 +205,10 @@ impl PauseControl {
 }
 
 /// A VM whose vCPUs are all parked outside `KVM_RUN`: what the live patcher and the
-/// introspection code read. Obtained from `RunningVm::paused_vm` or `RunningVm::with_paused`;
-/// while it is borrowed nothing can resume the VM.
+/// introspection code read. Obtained from `RunningVm::paused_vm` or `RunningVm::with_paused`,
+/// on the VMM thread, which is also the only thread that answers API requests; so no
+/// client resumes the VM while it is in use. (Code that drops the last pause hold itself
+/// meanwhile gets `PauseError::State` from the reads: running vCPUs do not save state.)
 pub struct PausedVm<'a> {
     vcpus: &'a [VcpuHandle],
     msr_indices: &'a Arc<Vec<u32>>,

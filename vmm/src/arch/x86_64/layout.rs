@@ -42,6 +42,10 @@ pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 /// Size of one virtio-mmio device slot.
 pub const VIRTIO_MMIO_SLOT_SIZE: u64 = 0x1000;
 /// IOAPIC MMIO base.
+/// Guest-physical memory the VMM keeps for live-patch code: inside the MMIO hole, not
+/// in the e820 map, so the guest never allocates or maps it by itself.
+pub const PATCH_AREA_START: u64 = 0xe000_0000;
+pub const PATCH_AREA_SIZE: u64 = 2 << 20;
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 /// Local APIC MMIO base.
 pub const APIC_ADDR: u64 = 0xfee0_0000;

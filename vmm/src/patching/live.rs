@@ -1,0 +1,162 @@
+//! `patcher::PatchTarget` for a running VM: symbols from the guest's kallsyms
+//! (`introspect`), pausing through the vCPU threads, kernel text written through guest
+//! memory while every vCPU is out of `KVM_RUN`, patch code placed in the patch area.
+
+use introspect::kallsyms::LookupError;
+use introspect::kernel::Kernel;
+use introspect::memory::{GuestPhysMemory, MemError};
+use patcher::consistency::TaskStack;
+use patcher::linker::LinkedPatch;
+use patcher::target::{FunctionSymbol, PatchTarget};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use super::area::{PatchArea, Perm};
+use crate::builder::RunningVm;
+use crate::vstate::pause;
+
+/// Guest-physical memory of a live VM, for `introspect`.
+pub struct LiveMemory<'a>(pub &'a GuestMemoryMmap);
+
+impl GuestPhysMemory for LiveMemory<'_> {
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.0
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|_| MemError::Unbacked(gpa))
+    }
+
+    fn regions(&self) -> Vec<(u64, u64)> {
+        self.0.iter().map(|r| (r.start_addr().0, r.len())).collect()
+    }
+}
+
+/// Kernel-image window: the only virtual range this target reads or writes directly.
+const IMAGE_WINDOW: std::ops::Range<u64> = 0xffff_ffff_8000_0000..0xffff_ffff_c000_0000;
+
+/// A running VM as the patcher sees it.
+pub struct LiveTarget<'a> {
+    pub vm: &'a RunningVm,
+    pub kernel: &'a Kernel,
+    pub area: PatchArea,
+}
+
+impl LiveTarget<'_> {
+    fn image_pa(&self, va: u64, len: usize) -> Result<u64, String> {
+        let end = va.checked_add(len as u64).ok_or("address overflow")?;
+        if !IMAGE_WINDOW.contains(&va) || end > IMAGE_WINDOW.end {
+            return Err(format!("{va:#x} is outside the kernel image window"));
+        }
+        Ok(self.kernel.image.pa(va))
+    }
+}
+
+fn lookup_msg(e: LookupError) -> String {
+    match e {
+        LookupError::NotFound(_) => String::new(),
+        other => other.to_string(),
+    }
+}
+
+impl PatchTarget for LiveTarget<'_> {
+    fn kernel_release(&self) -> Result<String, String> {
+        Ok(self.kernel.release.clone())
+    }
+
+    fn kernel_build_id(&self) -> Result<Option<String>, String> {
+        Ok(self.kernel.build_id.clone())
+    }
+
+    fn function(&self, name: &str, sympos: Option<u32>) -> Result<FunctionSymbol, String> {
+        let s = self
+            .kernel
+            .symbols
+            .lookup(name, sympos)
+            .map_err(|e| e.to_string())?;
+        if !matches!(s.kind, 't' | 'T' | 'W' | 'w') {
+            return Err(format!("{name} is not a function (type {})", s.kind));
+        }
+        Ok(FunctionSymbol {
+            addr: s.addr,
+            size: s.size,
+            sympos: s.sympos,
+        })
+    }
+
+    fn symbol(&self, name: &str, sympos: Option<u32>) -> Result<u64, String> {
+        self.kernel
+            .symbols
+            .lookup(name, sympos)
+            .map(|s| s.addr)
+            .map_err(lookup_msg)
+    }
+
+    fn patch_area(&self) -> (u64, u64) {
+        self.area.usable()
+    }
+
+    fn load_patch(&mut self, p: &LinkedPatch) -> Result<(), String> {
+        let mem = self.vm.vm.memory();
+        for (addr, img, perm) in [
+            (p.text_addr, &p.text, Perm::Exec),
+            (p.rodata_addr, &p.rodata, Perm::ReadOnly),
+            (p.data_addr, &p.data, Perm::ReadWrite),
+        ] {
+            self.area
+                .place(mem, addr, img, Some(perm))
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn unload_patch(&mut self, p: &LinkedPatch) -> Result<(), String> {
+        let zeros = vec![0u8; p.size() as usize];
+        self.area
+            .place(self.vm.vm.memory(), p.base, &zeros, None)
+            .map_err(|e| e.to_string())
+    }
+
+    fn pause(&mut self) -> Result<(), String> {
+        pause::pause_all(&self.vm.vcpus).map_err(|e| e.to_string())
+    }
+
+    fn resume(&mut self) -> Result<(), String> {
+        pause::resume_all(&self.vm.vcpus).map_err(|e| e.to_string())
+    }
+
+    fn vcpu_rips(&mut self) -> Result<Vec<u64>, String> {
+        self.vm
+            .vcpus
+            .iter()
+            .map(|v| {
+                pause::save_one(v, &self.vm.msr_indices)
+                    .map(|s| s.regs.rip)
+                    .map_err(|e| e.to_string())
+            })
+            .collect()
+    }
+
+    fn task_stacks(&mut self) -> Result<Vec<TaskStack>, String> {
+        Err(
+            "task stacks are not introspected yet (issue #4), so the consistency check cannot \
+             clear the transition; --force skips it"
+                .into(),
+        )
+    }
+
+    fn read_kernel(&self, addr: u64, buf: &mut [u8]) -> Result<(), String> {
+        let pa = self.image_pa(addr, buf.len())?;
+        self.vm
+            .vm
+            .memory()
+            .read_slice(buf, GuestAddress(pa))
+            .map_err(|e| e.to_string())
+    }
+
+    fn write_kernel_text(&mut self, addr: u64, bytes: &[u8]) -> Result<(), String> {
+        let pa = self.image_pa(addr, bytes.len())?;
+        self.vm
+            .vm
+            .memory()
+            .write_slice(bytes, GuestAddress(pa))
+            .map_err(|e| e.to_string())
+    }
+}

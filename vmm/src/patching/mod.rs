@@ -1,0 +1,6 @@
+//! Live patching of the running guest: the patch area and the `patcher::PatchTarget`
+//! implementation for a live VM.
+
+pub mod apply;
+pub mod area;
+pub mod live;
