@@ -48,6 +48,8 @@ enum Command {
         #[arg(long)]
         stop: bool,
     },
+    /// Live-patch the running guest kernel, or list/disable applied bundles.
+    Patch(PatchArgs),
     /// Print guest kernel symbols (/proc/kallsyms format) read from a snapshot's memory.
     Symbols {
         /// Snapshot directory to read.
@@ -70,6 +72,48 @@ enum Command {
         #[command(flatten)]
         target: ApiTarget,
         key: char,
+    },
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct PatchArgs {
+    #[command(flatten)]
+    target: ApiTarget,
+    #[command(subcommand)]
+    action: Option<PatchAction>,
+    /// The bundle to apply (vmm bundle build).
+    bundle: Option<PathBuf>,
+    /// Apply as a cumulative bundle: the manifest must say "replace": true (issue #6).
+    #[arg(long)]
+    replace: bool,
+    /// Skip the consistency check (recorded in the ledger as forced).
+    #[arg(long)]
+    force: bool,
+    /// Give up after this many seconds of blocked attempts.
+    #[arg(long, default_value_t = 15.0)]
+    deadline: f64,
+}
+
+#[derive(Subcommand)]
+enum PatchAction {
+    /// Applied bundles with their functions and status.
+    List {
+        #[command(flatten)]
+        target: ApiTarget,
+    },
+    /// Revert a bundle, with the same consistency check.
+    Disable {
+        #[command(flatten)]
+        target: ApiTarget,
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// The ordered event log.
+    Events {
+        #[command(flatten)]
+        target: ApiTarget,
     },
 }
 
@@ -337,6 +381,49 @@ fn kernel_info(dir: &std::path::Path) -> Result<i32, String> {
     Ok(0)
 }
 
+fn patch(args: PatchArgs) -> Result<i32, String> {
+    match args.action {
+        Some(PatchAction::List { target }) => api_call(&target, "GET", "/patches", None),
+        Some(PatchAction::Events { target }) => api_call(&target, "GET", "/patches/events", None),
+        Some(PatchAction::Disable {
+            target,
+            name,
+            force,
+        }) => {
+            let body = serde_json::json!({"name": name, "force": force}).to_string();
+            api_call(&target, "PUT", "/patches/disable", Some(body))
+        }
+        None => {
+            let bundle = args
+                .bundle
+                .ok_or("give a bundle to apply, or list/disable/events")?;
+            let path =
+                std::path::absolute(&bundle).map_err(|e| format!("{}: {e}", bundle.display()))?;
+            if args.replace {
+                let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let b = patcher::bundle::Bundle::decode(&bytes)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                if !b.manifest.replace {
+                    return Err(format!(
+                        "{}: --replace needs a cumulative bundle (\"replace\": true in its manifest)",
+                        path.display()
+                    ));
+                }
+            }
+            if !(0.001..=3600.0).contains(&args.deadline) {
+                return Err("--deadline must be between 0.001 and 3600 seconds".into());
+            }
+            let body = serde_json::json!({
+                "bundle": path,
+                "force": args.force,
+                "deadline_ms": (args.deadline * 1000.0) as u64,
+            })
+            .to_string();
+            api_call(&args.target, "PUT", "/patches", Some(body))
+        }
+    }
+}
+
 /// Runs the VM to its end and reports why it ended.
 fn finish(vm: vmm::builder::RunningVm) -> i32 {
     warn_about_host_limits();
@@ -443,6 +530,7 @@ fn main() -> ExitCode {
             output,
             stop,
         } => snapshot(&target, &output, stop),
+        Command::Patch(args) => patch(args),
         Command::Symbols {
             snapshot,
             all,
