@@ -149,6 +149,12 @@ pub struct RunningVm {
     /// What the loop waits on while paused, when the device subscribers must not run.
     paused_wait: PausedWait,
     pub(crate) started: std::time::Instant,
+    /// The guest kernel, found on first use (live patching).
+    pub(crate) kernel: Option<introspect::kernel::Kernel>,
+    pub(crate) patch_area: Option<crate::patching::area::PatchArea>,
+    /// Next free address in the patch area.
+    pub(crate) patch_next: Option<u64>,
+    pub(crate) ledger: patcher::ledger::Ledger,
 }
 
 /// The devices of a VM, on their buses.
@@ -292,7 +298,22 @@ pub(crate) fn start(
         paused: false,
         paused_wait,
         started: std::time::Instant::now(),
+        kernel: None,
+        patch_area: None,
+        patch_next: None,
+        ledger: patcher::ledger::Ledger::new(),
     })
+}
+
+/// Guest RAM plus the live-patch area (which is not RAM: the e820 map leaves it out).
+pub fn guest_memory_regions(mem_size: u64) -> Vec<(vm_memory::GuestAddress, usize)> {
+    let mut regions = boot::ram_regions(mem_size);
+    regions.push((
+        vm_memory::GuestAddress(PATCH_AREA_START),
+        PATCH_AREA_SIZE as usize,
+    ));
+    regions.sort_by_key(|r| r.0);
+    regions
 }
 
 /// Snapshot the VM once the console prints a line (`vmm run --snapshot-on-output`).
@@ -357,7 +378,7 @@ pub fn build_and_start_with(
             max: max_vcpus,
         });
     }
-    let memory = vm::allocate_memory(&boot::ram_regions(mem_size))?;
+    let memory = vm::allocate_memory(&guest_memory_regions(mem_size))?;
     let vm = Vm::new(&kvm, memory)?;
     let mem = vm.memory();
 
