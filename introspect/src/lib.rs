@@ -5,4 +5,5 @@
 pub mod kallsyms;
 pub mod kernel;
 pub mod memory;
+pub mod paging;
 pub mod vmcoreinfo;
