@@ -5,5 +5,6 @@
 pub mod kallsyms;
 pub mod kernel;
 pub mod memory;
+pub mod orc;
 pub mod paging;
 pub mod vmcoreinfo;
