@@ -1,0 +1,239 @@
+//! The introspection context of one guest kernel: discovery (kallsyms), then the kernel's
+//! page tables, BTF and ORC tables, and the offsets and roots the task walk and unwinder
+//! need. Loaded once per kernel boot (everything here is read-only kernel data), used for
+//! any number of task walks on the same memory.
+
+use crate::btf::{Btf, BtfError};
+use crate::cpu::{CpuRegs, Vcpus};
+use crate::kernel::{Kernel, KernelError};
+use crate::memory::{GuestPhysMemory, MemError};
+use crate::orc::{OrcError, OrcTable};
+use crate::paging::{PageTables, VirtMemory};
+use crate::stacks::{CpuStackLayout, TaskTrace, Unwinder};
+use crate::tasks::{self, Task, TaskError, TaskLayout, TaskRoots};
+
+/// Largest BTF blob accepted (6.1.187's is about 4 MiB).
+const MAX_BTF: u64 = 64 << 20;
+/// Largest ORC tables accepted (6.1.187 has about 368k entries).
+const MAX_ORC_ENTRIES: u64 = 4 << 20;
+
+/// Errors loading the introspection context.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    #[error("{0}")]
+    Kernel(#[from] KernelError),
+    #[error("kallsyms lacks {0}")]
+    Symbol(String),
+    #[error("{what}: {size} bytes is out of range")]
+    Size { what: &'static str, size: u64 },
+    #[error("reading {what}: {source}")]
+    Memory {
+        what: &'static str,
+        source: MemError,
+    },
+    #[error("BTF: {0}")]
+    Btf(#[from] BtfError),
+    #[error("ORC: {0}")]
+    Orc(#[from] OrcError),
+    #[error("{0}")]
+    Tasks(#[from] TaskError),
+}
+
+/// A guest kernel ready for task walks and unwinding.
+pub struct GuestKernel {
+    pub kernel: Kernel,
+    pub btf: Btf,
+    pub orc: OrcTable,
+    pub layout: TaskLayout,
+    pub roots: TaskRoots,
+    pub cpu_stacks: CpuStackLayout,
+    /// The kernel's own page tables (`init_top_pgt`): valid for every kernel address.
+    pub page_tables: PageTables,
+    text: Vec<(u64, u64)>,
+    ret_from_fork: u64,
+    trampolines: Vec<u64>,
+}
+
+/// One task and its kernel stack trace.
+#[derive(Debug, Clone)]
+pub struct TaskStackTrace {
+    pub task: Task,
+    pub trace: TaskTrace,
+}
+
+impl GuestKernel {
+    /// Finds the kernel in `mem` and loads what task walks and unwinding need.
+    pub fn load(mem: &dyn GuestPhysMemory) -> Result<Self, GuestError> {
+        let kernel = Kernel::discover(mem)?;
+        let sym = |name: &str| {
+            kernel
+                .symbols
+                .lookup(name, None)
+                .map(|s| s.addr)
+                .map_err(|_| GuestError::Symbol(name.to_string()))
+        };
+        let read_image = |what: &'static str, start: u64, stop: u64, max: u64| {
+            let size = stop.wrapping_sub(start);
+            if stop < start || size > max {
+                return Err(GuestError::Size { what, size });
+            }
+            let mut buf = vec![0u8; size as usize];
+            mem.read_phys(kernel.image.pa(start), &mut buf)
+                .map_err(|source| GuestError::Memory { what, source })?;
+            Ok(buf)
+        };
+        let btf_bytes = read_image("BTF", sym("__start_BTF")?, sym("__stop_BTF")?, MAX_BTF)?;
+        let btf = Btf::parse(&btf_bytes)?;
+        let ip_start = sym("__start_orc_unwind_ip")?;
+        let ips = read_image(
+            "ORC ip table",
+            ip_start,
+            sym("__stop_orc_unwind_ip")?,
+            MAX_ORC_ENTRIES * 4,
+        )?;
+        let entries = read_image(
+            "ORC table",
+            sym("__start_orc_unwind")?,
+            sym("__stop_orc_unwind")?,
+            MAX_ORC_ENTRIES * 6,
+        )?;
+        let orc = OrcTable::from_raw(ip_start, &ips, &entries)?;
+        let layout = TaskLayout::from_btf(&btf)?;
+        let percpu = |name: &str| {
+            kernel
+                .symbols
+                .lookup(name, None)
+                .ok()
+                .filter(|s| s.kind == 'A' || s.kind == 'D' || s.kind == 'd')
+                .map(|s| s.addr)
+        };
+        let roots = TaskRoots {
+            init_task: sym("init_task")?,
+            nr_cpu_ids: sym("nr_cpu_ids")?,
+            per_cpu_offset: sym("__per_cpu_offset")?,
+            runqueues: sym("runqueues")?,
+        };
+        let estack_names = [
+            "DF_stack",
+            "NMI_stack",
+            "DB_stack",
+            "MCE_stack",
+            "VC_stack",
+            "VC2_stack",
+        ];
+        let exception_stacks = estack_names
+            .iter()
+            .filter_map(|m| {
+                let off = btf.member_offset("cea_exception_stacks", m).ok()?;
+                let size = btf.member_size("cea_exception_stacks", m).ok()?;
+                Some((off, size))
+            })
+            .collect();
+        let cpu_stacks = CpuStackLayout {
+            hardirq_stack_ptr: percpu("hardirq_stack_ptr"),
+            cea_exception_stacks: percpu("cea_exception_stacks"),
+            exception_stacks,
+            entry_area: btf
+                .type_size("cpu_entry_area")
+                .ok()
+                .zip(btf.member_offset("cpu_entry_area", "entry_stack_page").ok()),
+        };
+        let mut text = vec![(sym("_stext")?, sym("_etext")?)];
+        if let (Ok(s), Ok(e)) = (sym("_sinittext"), sym("_einittext")) {
+            text.push((s, e));
+        }
+        let pgt = sym("init_top_pgt")?;
+        let la57 = kernel
+            .vmcoreinfo
+            .number("pgtable_l5_enabled")
+            .is_some_and(|v| v != 0);
+        let page_tables = PageTables::new(kernel.image.pa(pgt), la57);
+        let trampolines = [
+            "return_to_handler",
+            "arch_rethook_trampoline",
+            "__kretprobe_trampoline",
+        ]
+        .iter()
+        .filter_map(|n| sym(n).ok())
+        .collect();
+        Ok(GuestKernel {
+            ret_from_fork: sym("ret_from_fork")?,
+            trampolines,
+            kernel,
+            btf,
+            orc,
+            layout,
+            roots,
+            cpu_stacks,
+            page_tables,
+            text,
+        })
+    }
+
+    /// Kernel virtual memory through the kernel's page tables.
+    pub fn virt<'a>(&self, mem: &'a dyn GuestPhysMemory) -> VirtMemory<'a> {
+        VirtMemory::new(mem, self.page_tables)
+    }
+
+    /// Every task (see `tasks::enumerate`).
+    pub fn tasks(&self, mem: &dyn GuestPhysMemory) -> Result<Vec<Task>, GuestError> {
+        let v = self.virt(mem);
+        Ok(tasks::enumerate(&v, &self.layout, &self.roots)?)
+    }
+
+    /// Every task with its stack trace; running tasks are unwound from their vCPU's
+    /// registers. Call with every vCPU paused (or on a snapshot).
+    pub fn task_traces(
+        &self,
+        mem: &dyn GuestPhysMemory,
+        vcpus: &dyn Vcpus,
+    ) -> Result<Vec<TaskStackTrace>, GuestError> {
+        let v = self.virt(mem);
+        let tasks = tasks::enumerate(&v, &self.layout, &self.roots)?;
+        let mut regs = Vec::with_capacity(vcpus.vcpu_count());
+        for i in 0..vcpus.vcpu_count() {
+            regs.push(vcpus.vcpu_regs(i).map_err(|detail| TaskError::Read {
+                what: format!("vCPU {i} registers"),
+                detail,
+            })?);
+        }
+        self.with_unwinder(mem, |u| {
+            let by_cpu: Vec<(u32, &CpuRegs)> = regs
+                .iter()
+                .filter_map(|r| u.cpu_of(r).map(|c| (c, r)))
+                .collect();
+            tasks
+                .into_iter()
+                .map(|task| {
+                    let r = task
+                        .current_on
+                        .and_then(|c| by_cpu.iter().find(|(cpu, _)| *cpu == c))
+                        .map(|(_, r)| *r);
+                    let trace = u.trace(&task, r);
+                    TaskStackTrace { task, trace }
+                })
+                .collect()
+        })
+    }
+
+    /// The unwinder over `mem`, for callers that need stack words or symbols too.
+    pub fn with_unwinder<R>(
+        &self,
+        mem: &dyn GuestPhysMemory,
+        f: impl FnOnce(&Unwinder<'_>) -> R,
+    ) -> Result<R, GuestError> {
+        let v = self.virt(mem);
+        let offsets = tasks::percpu_offsets(&v, &self.roots)?;
+        let unwinder = Unwinder {
+            mem: &v,
+            orc: &self.orc,
+            symbols: &self.kernel.symbols,
+            text: &self.text,
+            ret_from_fork: self.ret_from_fork,
+            trampolines: &self.trampolines,
+            percpu_offsets: &offsets,
+            cpu_stacks: &self.cpu_stacks,
+        };
+        Ok(f(&unwinder))
+    }
+}

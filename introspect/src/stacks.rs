@@ -1,0 +1,266 @@
+//! Kernel stacks of tasks: where each task's stack is, where its unwind starts (the frame
+//! `__switch_to_asm` left for a sleeping task, the vCPU's registers for a running one), and
+//! the symbolized, reliability-judged ORC trace (guest-introspection.md §4.3–§5.5).
+
+use crate::cpu::CpuRegs;
+use crate::kallsyms::SymbolTable;
+use crate::orc::{
+    self, FullRegs, OrcTable, StackKind, StackRange, StackReader, Trace, UnwindStart,
+};
+use crate::tasks::Task;
+use crate::virt::KernelMemory;
+
+/// Most frames one trace may have (the kernel's own limit for livepatch is 64).
+pub const MAX_FRAMES: usize = 128;
+/// `IRQ_STACK_SIZE` on x86-64.
+pub const IRQ_STACK_SIZE: u64 = 16 << 10;
+/// Size of the entry (trampoline) stack page.
+pub const ENTRY_STACK_SIZE: u64 = 4096;
+/// Start of the per-CPU entry areas (`CPU_ENTRY_AREA_BASE` + the IDT alias page); not
+/// randomized in 6.1.
+pub const CEA_PERCPU_BASE: u64 = 0xffff_fe00_0000_1000;
+
+/// Where each CPU's extra stacks are, from kallsyms and BTF.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CpuStackLayout {
+    /// Per-cpu offset of `hardirq_stack_ptr`.
+    pub hardirq_stack_ptr: Option<u64>,
+    /// Per-cpu offset of `cea_exception_stacks`, and (offset, size) of each IST stack in it.
+    pub cea_exception_stacks: Option<u64>,
+    pub exception_stacks: Vec<(u64, u64)>,
+    /// `sizeof(struct cpu_entry_area)` and the offset of `entry_stack_page` in it.
+    pub entry_area: Option<(u64, u64)>,
+}
+
+/// Everything needed to unwind.
+pub struct Unwinder<'a> {
+    pub mem: &'a dyn KernelMemory,
+    pub orc: &'a OrcTable,
+    pub symbols: &'a SymbolTable,
+    /// Kernel text ranges (core text, init text).
+    pub text: &'a [(u64, u64)],
+    pub ret_from_fork: u64,
+    /// Return trampolines that hide the real caller (`return_to_handler` of the function
+    /// graph tracer, the kretprobe/rethook trampoline): a trace through one is unreliable.
+    pub trampolines: &'a [u64],
+    pub percpu_offsets: &'a [u64],
+    pub cpu_stacks: &'a CpuStackLayout,
+}
+
+struct Reader<'a>(&'a dyn KernelMemory);
+
+impl StackReader for Reader<'_> {
+    fn read_u64(&self, va: u64) -> Option<u64> {
+        self.0.read_u64(va).ok()
+    }
+}
+
+/// A task's trace, symbolized.
+#[derive(Debug, Clone)]
+pub struct TaskTrace {
+    pub trace: Trace,
+    /// `function+0xoff/0xsize` per frame (`?` when no symbol covers it).
+    pub symbols: Vec<String>,
+    /// The stacks the trace was allowed to use.
+    pub stacks: Vec<StackRange>,
+    /// Every word of those stacks when the trace is unreliable (for the conservative
+    /// "does anything on this stack point into…" check); empty when it is reliable.
+    pub words: Vec<u64>,
+}
+
+fn unreliable(problem: String) -> Trace {
+    Trace {
+        frames: Vec::new(),
+        reliable: false,
+        problem: Some(problem),
+        ended_in_user: false,
+    }
+}
+
+impl Unwinder<'_> {
+    /// Which kernel CPU a vCPU is, by its per-cpu base.
+    pub fn cpu_of(&self, regs: &CpuRegs) -> Option<u32> {
+        let want = regs.percpu_base();
+        let alt = if regs.in_kernel() {
+            regs.kernel_gs_base
+        } else {
+            regs.gs_base
+        };
+        let find = |b: u64| self.percpu_offsets.iter().position(|&o| o == b && b != 0);
+        find(want).or_else(|| find(alt)).map(|c| c as u32)
+    }
+
+    pub fn is_text(&self, addr: u64) -> bool {
+        self.text.iter().any(|&(s, e)| s <= addr && addr < e)
+    }
+
+    /// The IRQ, exception and entry stacks of `cpu`.
+    pub fn cpu_stack_ranges(&self, cpu: u32) -> Vec<StackRange> {
+        let mut out = Vec::new();
+        let Some(&base) = self.percpu_offsets.get(cpu as usize) else {
+            return out;
+        };
+        let l = self.cpu_stacks;
+        if let Some(ptr) = l
+            .hardirq_stack_ptr
+            .and_then(|o| self.mem.read_u64(base.wrapping_add(o)).ok())
+            .filter(|&p| p != 0)
+        {
+            let end = ptr.wrapping_add(8);
+            out.push(StackRange {
+                kind: StackKind::Irq,
+                start: end.wrapping_sub(IRQ_STACK_SIZE),
+                end,
+            });
+        }
+        if let Some(estacks) = l
+            .cea_exception_stacks
+            .and_then(|o| self.mem.read_u64(base.wrapping_add(o)).ok())
+            .filter(|&p| p != 0)
+        {
+            for (i, &(off, size)) in l.exception_stacks.iter().enumerate() {
+                let start = estacks.wrapping_add(off);
+                out.push(StackRange {
+                    kind: StackKind::Exception(i as u8),
+                    start,
+                    end: start.wrapping_add(size),
+                });
+            }
+        }
+        if let Some((size, off)) = l.entry_area {
+            let start = CEA_PERCPU_BASE
+                .wrapping_add(u64::from(cpu).wrapping_mul(size))
+                .wrapping_add(off);
+            out.push(StackRange {
+                kind: StackKind::Entry,
+                start,
+                end: start.wrapping_add(ENTRY_STACK_SIZE),
+            });
+        }
+        out
+    }
+
+    fn task_range(task: &Task) -> StackRange {
+        let (start, end) = task.stack_range();
+        StackRange {
+            kind: StackKind::Task,
+            start,
+            end,
+        }
+    }
+
+    /// Unwinds `task`. A task current on a CPU needs that CPU's vCPU registers (`regs`);
+    /// without them its trace is unreliable, as the kernel treats a task running elsewhere.
+    pub fn trace(&self, task: &Task, regs: Option<&CpuRegs>) -> TaskTrace {
+        let task_stack = Self::task_range(task);
+        let mut stacks = vec![task_stack];
+        let trace = match (task.current_on, regs) {
+            (Some(_), Some(r)) if !r.in_kernel() => Trace {
+                // In user mode: no live kernel frames, only the user pt_regs at the top.
+                frames: Vec::new(),
+                reliable: true,
+                problem: None,
+                ended_in_user: true,
+            },
+            (Some(cpu), Some(r)) => {
+                stacks.extend(self.cpu_stack_ranges(cpu));
+                let start = UnwindStart {
+                    ip: r.rip,
+                    sp: r.rsp,
+                    bp: r.rbp,
+                    signal: true,
+                    regs: Some(FullRegs {
+                        ip: r.rip,
+                        sp: r.rsp,
+                        bp: r.rbp,
+                        di: r.rdi,
+                        dx: r.rdx,
+                        r10: r.r10,
+                        r13: r.r13,
+                        cs: u64::from(r.cs),
+                    }),
+                };
+                self.run(&start, &stacks)
+            }
+            (Some(cpu), None) => unreliable(format!("running on CPU {cpu} (no vCPU registers)")),
+            (None, _) => {
+                let reader = Reader(self.mem);
+                match orc::start_from_inactive_frame(&reader, task.saved_sp, self.ret_from_fork) {
+                    Some(start)
+                        if task_stack.start <= task.saved_sp && task.saved_sp < task_stack.end =>
+                    {
+                        let mut t = self.run(&start, &stacks);
+                        if task.on_cpu && t.reliable {
+                            t.reliable = false;
+                            t.problem = Some("in the middle of a context switch".into());
+                        }
+                        t
+                    }
+                    _ => unreliable(format!(
+                        "saved stack pointer {:#x} is not on its stack {:#x}..{:#x}",
+                        task.saved_sp, task_stack.start, task_stack.end
+                    )),
+                }
+            }
+        };
+        let mut trace = trace;
+        if let Some(f) = trace
+            .frames
+            .iter()
+            .find(|f| self.trampolines.contains(&f.ip))
+        {
+            if trace.reliable {
+                trace.reliable = false;
+                trace.problem = Some(format!(
+                    "return trampoline {} hides the caller",
+                    self.symbolize(f.ip)
+                ));
+            }
+        }
+        let symbols = trace.frames.iter().map(|f| self.symbolize(f.ip)).collect();
+        let words = if trace.reliable {
+            Vec::new()
+        } else {
+            stacks.iter().flat_map(|r| self.stack_words(r)).collect()
+        };
+        TaskTrace {
+            trace,
+            symbols,
+            stacks,
+            words,
+        }
+    }
+
+    fn run(&self, start: &UnwindStart, stacks: &[StackRange]) -> Trace {
+        let reader = Reader(self.mem);
+        let is_text = |a: u64| self.is_text(a);
+        orc::unwind(self.orc, start, stacks, &reader, &is_text, MAX_FRAMES)
+    }
+
+    /// `function+0xoff/0xsize`, as `/proc/PID/stack` prints it.
+    pub fn symbolize(&self, ip: u64) -> String {
+        match self.symbols.symbolize(ip) {
+            Some((s, off)) => format!("{}+{off:#x}/{:#x}", s.name, s.size),
+            None => format!("{ip:#x}"),
+        }
+    }
+
+    /// Every 8-byte word of `range` (for the conservative scan).
+    pub fn stack_words(&self, range: &StackRange) -> Vec<u64> {
+        let len = range.end.saturating_sub(range.start).min(64 << 10) as usize;
+        let mut bytes = vec![0u8; len & !7];
+        if self.mem.read_virt(range.start, &mut bytes).is_err() {
+            // Page by page: a guard page or hole reads as zeros rather than losing the rest.
+            for (i, chunk) in bytes.chunks_mut(4096).enumerate() {
+                let va = range.start.wrapping_add(i as u64 * 4096);
+                if self.mem.read_virt(va, chunk).is_err() {
+                    chunk.fill(0);
+                }
+            }
+        }
+        bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect()
+    }
+}

@@ -1,0 +1,492 @@
+//! Every task of the guest kernel: thread-group leaders from `init_task.tasks`, their
+//! threads from `signal->thread_head`, and each CPU's idle and current task from its
+//! runqueue (guest-introspection.md §4). Offsets come from the kernel's BTF; every list
+//! walk is bounded and checked for cycles, because a vCPU may have been stopped in the
+//! middle of a list update and the guest controls every pointer.
+
+use std::collections::HashSet;
+
+use crate::btf::Btf;
+use crate::virt::KernelMemory;
+
+/// Most tasks a walk accepts (the kernel's default `pid_max` is 32768; 4M is its limit).
+pub const MAX_TASKS: usize = 1 << 20;
+/// Most CPUs accepted (`NR_CPUS` of the Debian kernel is 8192).
+pub const MAX_CPUS: u32 = 8192;
+/// `THREAD_SIZE` on x86-64 without KASAN.
+pub const THREAD_SIZE: u64 = 16 << 10;
+
+/// `PF_IDLE` and `PF_KTHREAD` in `task_struct.flags`.
+pub const PF_IDLE: u32 = 0x2;
+pub const PF_KTHREAD: u32 = 0x0020_0000;
+
+/// Errors enumerating tasks.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TaskError {
+    #[error("BTF lacks {0}")]
+    Btf(String),
+    #[error("kallsyms lacks {0}")]
+    Symbol(&'static str),
+    #[error("reading {what}: {detail}")]
+    Read { what: String, detail: String },
+    #[error("the {0} list is inconsistent (a vCPU may be mid-update; retry): {1}")]
+    TornList(&'static str, String),
+    #[error("guest value out of range: {0}")]
+    Range(String),
+}
+
+/// Structure offsets the walk needs, resolved from BTF (no hard-coded offsets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskLayout {
+    pub cpu: u64,
+    pub state: u64,
+    pub stack: u64,
+    pub flags: u64,
+    pub on_cpu: u64,
+    pub tasks: u64,
+    pub exit_state: u64,
+    pub pid: u64,
+    pub tgid: u64,
+    pub comm: u64,
+    pub signal: u64,
+    pub thread_node: u64,
+    pub thread_sp: u64,
+    pub mm: u64,
+    pub signal_thread_head: u64,
+    pub rq_curr: u64,
+    pub rq_idle: u64,
+}
+
+impl TaskLayout {
+    pub fn from_btf(btf: &Btf) -> Result<Self, TaskError> {
+        let off = |ty: &str, path: &str| {
+            btf.member_offset(ty, path)
+                .map_err(|e| TaskError::Btf(format!("{ty}.{path}: {e}")))
+        };
+        Ok(TaskLayout {
+            cpu: off("task_struct", "thread_info.cpu")?,
+            state: off("task_struct", "__state")?,
+            stack: off("task_struct", "stack")?,
+            flags: off("task_struct", "flags")?,
+            on_cpu: off("task_struct", "on_cpu")?,
+            tasks: off("task_struct", "tasks")?,
+            exit_state: off("task_struct", "exit_state")?,
+            pid: off("task_struct", "pid")?,
+            tgid: off("task_struct", "tgid")?,
+            comm: off("task_struct", "comm")?,
+            signal: off("task_struct", "signal")?,
+            thread_node: off("task_struct", "thread_node")?,
+            thread_sp: off("task_struct", "thread.sp")?,
+            mm: off("task_struct", "mm")?,
+            signal_thread_head: off("signal_struct", "thread_head")?,
+            rq_curr: off("rq", "curr")?,
+            rq_idle: off("rq", "idle")?,
+        })
+    }
+}
+
+/// Addresses of the kernel objects the walk starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskRoots {
+    /// `init_task` (CPU 0's idle task, head of the process list).
+    pub init_task: u64,
+    /// `nr_cpu_ids` (unsigned int).
+    pub nr_cpu_ids: u64,
+    /// `__per_cpu_offset[]`.
+    pub per_cpu_offset: u64,
+    /// Per-cpu offset (kallsyms `A` value) of `runqueues`.
+    pub runqueues: u64,
+}
+
+/// One task as the host sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Task {
+    /// Address of its `task_struct`.
+    pub addr: u64,
+    pub pid: i32,
+    pub tgid: i32,
+    pub comm: String,
+    /// `__state`.
+    pub state: u32,
+    pub exit_state: u32,
+    pub flags: u32,
+    /// `thread_info.cpu`: the CPU it last ran on.
+    pub cpu: u32,
+    pub on_cpu: bool,
+    /// Some(cpu) when it is its runqueue's current task: executing on that vCPU.
+    pub current_on: Option<u32>,
+    /// Base of its kernel stack (`task->stack`), `THREAD_SIZE` long.
+    pub stack: u64,
+    /// Saved stack pointer (`thread.sp`), meaningful while it is switched out.
+    pub saved_sp: u64,
+    pub mm: u64,
+}
+
+impl Task {
+    pub fn is_kthread(&self) -> bool {
+        self.flags & PF_KTHREAD != 0
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.flags & PF_IDLE != 0 && self.pid == 0
+    }
+
+    /// The state letter `ps` prints.
+    pub fn state_letter(&self) -> char {
+        if self.exit_state & 0x20 != 0 {
+            return 'Z';
+        }
+        if self.exit_state & 0x10 != 0 {
+            return 'X';
+        }
+        match self.state & 0xff {
+            0 => 'R',
+            1 => 'S',
+            2 if self.state & 0x400 != 0 => 'I',
+            2 => 'D',
+            4 => 'T',
+            8 => 't',
+            _ if self.state & 0x80 != 0 => 'X',
+            _ if self.state & 0x40 != 0 => 'P',
+            _ => '?',
+        }
+    }
+
+    /// `[stack, stack + THREAD_SIZE)`.
+    pub fn stack_range(&self) -> (u64, u64) {
+        (self.stack, self.stack.saturating_add(THREAD_SIZE))
+    }
+}
+
+fn read_u64(m: &dyn KernelMemory, va: u64, what: &str) -> Result<u64, TaskError> {
+    m.read_u64(va).map_err(|detail| TaskError::Read {
+        what: what.to_string(),
+        detail,
+    })
+}
+
+fn read_u32(m: &dyn KernelMemory, va: u64, what: &str) -> Result<u32, TaskError> {
+    m.read_u32(va).map_err(|detail| TaskError::Read {
+        what: what.to_string(),
+        detail,
+    })
+}
+
+/// `__per_cpu_offset[0..nr_cpu_ids]`.
+pub fn percpu_offsets(m: &dyn KernelMemory, roots: &TaskRoots) -> Result<Vec<u64>, TaskError> {
+    let n = read_u32(m, roots.nr_cpu_ids, "nr_cpu_ids")?;
+    if n == 0 || n > MAX_CPUS {
+        return Err(TaskError::Range(format!("nr_cpu_ids = {n}")));
+    }
+    let mut bytes = vec![0u8; n as usize * 8];
+    m.read_virt(roots.per_cpu_offset, &mut bytes)
+        .map_err(|detail| TaskError::Read {
+            what: "__per_cpu_offset".into(),
+            detail,
+        })?;
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+        .collect())
+}
+
+/// Follows a circular `list_head` from `head`, yielding the containing objects
+/// (`entry - member_offset`). Fails on a cycle that does not return to `head`, on an
+/// unreadable link and after `MAX_TASKS` entries.
+fn walk_list(
+    m: &dyn KernelMemory,
+    head: u64,
+    member: u64,
+    name: &'static str,
+) -> Result<Vec<u64>, TaskError> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    let mut cur = read_u64(m, head, name)?;
+    while cur != head {
+        if out.len() >= MAX_TASKS {
+            return Err(TaskError::TornList(
+                name,
+                format!("more than {MAX_TASKS} entries"),
+            ));
+        }
+        if !seen.insert(cur) {
+            return Err(TaskError::TornList(
+                name,
+                format!("{cur:#x} is linked twice without reaching the head"),
+            ));
+        }
+        out.push(cur.wrapping_sub(member));
+        cur = m
+            .read_u64(cur)
+            .map_err(|e| TaskError::TornList(name, format!("link at {cur:#x}: {e}")))?;
+    }
+    Ok(out)
+}
+
+fn read_task(
+    m: &dyn KernelMemory,
+    l: &TaskLayout,
+    addr: u64,
+    current_on: Option<u32>,
+) -> Result<Task, TaskError> {
+    let what = |f: &str| format!("task {addr:#x} {f}");
+    let mut comm = [0u8; 16];
+    m.read_virt(addr.wrapping_add(l.comm), &mut comm)
+        .map_err(|detail| TaskError::Read {
+            what: what("comm"),
+            detail,
+        })?;
+    let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    Ok(Task {
+        addr,
+        pid: read_u32(m, addr.wrapping_add(l.pid), &what("pid"))? as i32,
+        tgid: read_u32(m, addr.wrapping_add(l.tgid), &what("tgid"))? as i32,
+        comm: String::from_utf8_lossy(&comm[..len]).into_owned(),
+        state: read_u32(m, addr.wrapping_add(l.state), &what("__state"))?,
+        exit_state: read_u32(m, addr.wrapping_add(l.exit_state), &what("exit_state"))?,
+        flags: read_u32(m, addr.wrapping_add(l.flags), &what("flags"))?,
+        cpu: read_u32(m, addr.wrapping_add(l.cpu), &what("cpu"))?,
+        on_cpu: read_u32(m, addr.wrapping_add(l.on_cpu), &what("on_cpu"))? != 0,
+        current_on,
+        stack: read_u64(m, addr.wrapping_add(l.stack), &what("stack"))?,
+        saved_sp: read_u64(m, addr.wrapping_add(l.thread_sp), &what("thread.sp"))?,
+        mm: read_u64(m, addr.wrapping_add(l.mm), &what("mm"))?,
+    })
+}
+
+/// Every task: leaders in list order, each followed by its other threads, then the idle
+/// tasks of CPUs other than 0 and any current task no list reaches (one exiting).
+pub fn enumerate(
+    m: &dyn KernelMemory,
+    l: &TaskLayout,
+    roots: &TaskRoots,
+) -> Result<Vec<Task>, TaskError> {
+    let offsets = percpu_offsets(m, roots)?;
+    let mut current = Vec::with_capacity(offsets.len());
+    let mut idle = Vec::with_capacity(offsets.len());
+    for (cpu, off) in offsets.iter().enumerate() {
+        if *off == 0 && cpu > 0 {
+            continue; // a possible CPU that never came up
+        }
+        let rq = off.wrapping_add(roots.runqueues);
+        let curr = read_u64(m, rq.wrapping_add(l.rq_curr), "rq->curr")?;
+        let idl = read_u64(m, rq.wrapping_add(l.rq_idle), "rq->idle")?;
+        if curr != 0 {
+            current.push((curr, cpu as u32));
+        }
+        if idl != 0 {
+            idle.push(idl);
+        }
+    }
+    let current_on = |t: u64| current.iter().find(|(c, _)| *c == t).map(|(_, cpu)| *cpu);
+
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    let mut push = |t: Task, out: &mut Vec<Task>| {
+        if seen.insert(t.addr) {
+            out.push(t);
+        }
+    };
+    push(
+        read_task(m, l, roots.init_task, current_on(roots.init_task))?,
+        &mut out,
+    );
+    let leaders = walk_list(m, roots.init_task.wrapping_add(l.tasks), l.tasks, "process")?;
+    for leader in leaders {
+        let t = read_task(m, l, leader, current_on(leader))?;
+        let signal = read_u64(m, leader.wrapping_add(l.signal), "task->signal")?;
+        push(t, &mut out);
+        if signal == 0 {
+            continue;
+        }
+        let threads = walk_list(
+            m,
+            signal.wrapping_add(l.signal_thread_head),
+            l.thread_node,
+            "thread",
+        )?;
+        if out.len().saturating_add(threads.len()) > MAX_TASKS {
+            return Err(TaskError::TornList("thread", "too many tasks".into()));
+        }
+        for th in threads {
+            if th != leader {
+                push(read_task(m, l, th, current_on(th))?, &mut out);
+            }
+        }
+    }
+    for t in idle.into_iter().chain(current.iter().map(|(t, _)| *t)) {
+        push(read_task(m, l, t, current_on(t))?, &mut out);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virt::SparseMemory;
+
+    const L: TaskLayout = TaskLayout {
+        cpu: 0x14,
+        state: 0x18,
+        stack: 0x20,
+        flags: 0x2c,
+        on_cpu: 0x34,
+        tasks: 0x40,
+        exit_state: 0x50,
+        pid: 0x60,
+        tgid: 0x64,
+        comm: 0x70,
+        signal: 0x80,
+        thread_node: 0x90,
+        thread_sp: 0xa0,
+        mm: 0xa8,
+        signal_thread_head: 0x10,
+        rq_curr: 0x8,
+        rq_idle: 0x10,
+    };
+    const INIT: u64 = 0xffff_ffff_8200_0000;
+    const NR: u64 = 0xffff_ffff_8210_0000;
+    const PCO: u64 = 0xffff_ffff_8210_1000;
+    const RQ: u64 = 0x2000;
+    const TASKS: u64 = 0xffff_8880_0100_0000;
+
+    fn roots() -> TaskRoots {
+        TaskRoots {
+            init_task: INIT,
+            nr_cpu_ids: NR,
+            per_cpu_offset: PCO,
+            runqueues: RQ,
+        }
+    }
+
+    fn task_at(i: u64) -> u64 {
+        TASKS + i * 0x1000
+    }
+
+    fn write_task(m: &mut SparseMemory, t: u64, pid: u32, tgid: u32, comm: &str, sig: u64) {
+        m.write_u32(t + L.pid, pid);
+        m.write_u32(t + L.tgid, tgid);
+        m.write(t + L.comm, comm.as_bytes());
+        m.write_u64(t + L.signal, sig);
+        m.write_u64(t + L.stack, 0xffff_c900_0000_0000 + u64::from(pid) * 0x8000);
+        m.write_u64(
+            t + L.thread_sp,
+            0xffff_c900_0000_3f00 + u64::from(pid) * 0x8000,
+        );
+    }
+
+    /// Links `objs` (object addresses) into a circular list through `member`, headed at `head`.
+    fn link(m: &mut SparseMemory, head: u64, objs: &[u64], member: u64) {
+        let nodes: Vec<u64> = std::iter::once(head)
+            .chain(objs.iter().map(|o| o + member))
+            .collect();
+        for (i, n) in nodes.iter().enumerate() {
+            m.write_u64(*n, nodes[(i + 1) % nodes.len()]);
+            m.write_u64(*n + 8, nodes[(i + nodes.len() - 1) % nodes.len()]);
+        }
+    }
+
+    /// init_task, two processes (the second with two threads), 2 CPUs with an idle task
+    /// on CPU 1 and an exiting task current on CPU 0.
+    fn guest() -> SparseMemory {
+        let mut m = SparseMemory::new();
+        m.write_u32(NR, 2);
+        let pcpu = [0xffff_8880_1000_0000u64, 0xffff_8880_1100_0000];
+        m.write_u64(PCO, pcpu[0]);
+        m.write_u64(PCO + 8, pcpu[1]);
+        write_task(&mut m, INIT, 0, 0, "swapper/0", 0);
+        m.write_u32(INIT + L.flags, PF_IDLE);
+        let (p1, p2, p2b, idle1, exiting) =
+            (task_at(1), task_at(2), task_at(3), task_at(4), task_at(5));
+        let (s1, s2) = (task_at(10), task_at(11));
+        write_task(&mut m, p1, 1, 1, "init", s1);
+        write_task(&mut m, p2, 7, 7, "worker", s2);
+        write_task(&mut m, p2b, 8, 7, "worker-thread", s2);
+        write_task(&mut m, idle1, 0, 0, "swapper/1", 0);
+        m.write_u32(idle1 + L.flags, PF_IDLE);
+        write_task(&mut m, exiting, 9, 9, "dying", 0);
+        link(&mut m, INIT + L.tasks, &[p1, p2], L.tasks);
+        link(&mut m, s1 + L.signal_thread_head, &[p1], L.thread_node);
+        link(&mut m, s2 + L.signal_thread_head, &[p2, p2b], L.thread_node);
+        m.write_u64(pcpu[0] + RQ + L.rq_curr, exiting);
+        m.write_u64(pcpu[0] + RQ + L.rq_idle, INIT);
+        m.write_u64(pcpu[1] + RQ + L.rq_curr, p2b);
+        m.write_u64(pcpu[1] + RQ + L.rq_idle, idle1);
+        m
+    }
+
+    #[test]
+    fn finds_leaders_threads_idle_and_orphaned_currents() {
+        let m = guest();
+        let tasks = enumerate(&m, &L, &roots()).unwrap();
+        let got: Vec<(i32, i32, &str, Option<u32>)> = tasks
+            .iter()
+            .map(|t| (t.pid, t.tgid, t.comm.as_str(), t.current_on))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, 0, "swapper/0", None),
+                (1, 1, "init", None),
+                (7, 7, "worker", None),
+                (8, 7, "worker-thread", Some(1)),
+                (0, 0, "swapper/1", None),
+                (9, 9, "dying", Some(0)),
+            ]
+        );
+        assert!(tasks[0].is_idle() && tasks[4].is_idle() && !tasks[1].is_idle());
+        assert_eq!(
+            tasks[1].stack_range().1 - tasks[1].stack_range().0,
+            THREAD_SIZE
+        );
+    }
+
+    #[test]
+    fn a_cycle_that_skips_the_head_is_an_error_not_a_hang() {
+        let mut m = guest();
+        // p2.tasks.next -> p1.tasks: p1 -> p2 -> p1 -> … never returns to init_task.
+        m.write_u64(task_at(2) + L.tasks, task_at(1) + L.tasks);
+        let e = enumerate(&m, &L, &roots()).unwrap_err();
+        assert!(matches!(e, TaskError::TornList("process", _)), "{e}");
+    }
+
+    #[test]
+    fn a_dangling_link_is_an_error() {
+        let mut m = guest();
+        m.write_u64(task_at(2) + L.tasks, 0xdead_0000_0000);
+        assert!(matches!(
+            enumerate(&m, &L, &roots()),
+            Err(TaskError::TornList("process", _))
+        ));
+    }
+
+    #[test]
+    fn absurd_cpu_counts_are_refused() {
+        for n in [0u32, MAX_CPUS + 1, u32::MAX] {
+            let mut m = guest();
+            m.write_u32(NR, n);
+            assert!(matches!(
+                enumerate(&m, &L, &roots()),
+                Err(TaskError::Range(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn state_letters_follow_ps() {
+        let mut t = enumerate(&guest(), &L, &roots()).unwrap().remove(1);
+        for (state, exit, letter) in [
+            (0, 0, 'R'),
+            (1, 0, 'S'),
+            (0x2001, 0, 'S'),
+            (2, 0, 'D'),
+            (0x402, 0, 'I'),
+            (4, 0, 'T'),
+            (0, 0x20, 'Z'),
+        ] {
+            t.state = state;
+            t.exit_state = exit;
+            assert_eq!(t.state_letter(), letter, "{state:#x}/{exit:#x}");
+        }
+    }
+}
