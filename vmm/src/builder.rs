@@ -150,7 +150,7 @@ pub struct RunningVm {
     paused_wait: PausedWait,
     pub(crate) started: std::time::Instant,
     /// The guest kernel, found on first use (live patching).
-    pub(crate) kernel: Option<introspect::kernel::Kernel>,
+    pub(crate) kernel: Option<introspect::guest::GuestKernel>,
     pub(crate) patch_area: Option<crate::patching::area::PatchArea>,
     /// Next free address in the patch area.
     pub(crate) patch_next: Option<u64>,

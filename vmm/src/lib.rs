@@ -9,6 +9,7 @@ pub mod console;
 pub mod devices;
 pub mod guest_image;
 pub mod host_check;
+pub mod introspection;
 pub mod patching;
 pub mod persist;
 pub mod signals;

@@ -8,6 +8,9 @@ use vmm::arch::x86_64::cpu_template::CpuTemplate;
 use vmm::config::{BootSource, ConsoleConfig, VmConfig};
 use vmm::host_check::{probe_user_syscall, UserSyscall};
 
+#[path = "cli/inspect.rs"]
+mod inspect;
+
 #[derive(Parser)]
 #[command(
     name = "vmm",
@@ -61,11 +64,19 @@ enum Command {
         /// Symbols to print (name or name,sympos).
         names: Vec<String>,
     },
-    /// Print what the guest kernel is: release, build ID, KASLR offset, symbol count.
-    Kernel {
-        /// Snapshot directory to read.
+    /// Print what the guest kernel is: release, build ID, KASLR offset, paging mode.
+    Kernel(inspect::Source),
+    /// List the guest's tasks (processes, threads, idle tasks) read from its memory.
+    Ps(inspect::Source),
+    /// Print a guest task's kernel stack (ORC unwind), like /proc/PID/stack.
+    Stack {
+        /// The task's pid (0 is every CPU's idle task: add --cpu).
+        pid: Option<i64>,
+        /// The task current on this CPU (or, with PID, the one that last ran there).
         #[arg(long)]
-        snapshot: PathBuf,
+        cpu: Option<u64>,
+        #[command(flatten)]
+        source: inspect::Source,
     },
     /// Send a magic SysRq key to the guest kernel (serial break + key).
     Sysrq {
@@ -368,19 +379,6 @@ fn symbols(dir: &std::path::Path, all: bool, names: &[String]) -> Result<i32, St
     Ok(0)
 }
 
-fn kernel_info(dir: &std::path::Path) -> Result<i32, String> {
-    let k = snapshot_kernel(dir)?;
-    println!("release:      {}", k.release);
-    println!(
-        "build id:     {}",
-        k.build_id.as_deref().unwrap_or("unknown")
-    );
-    println!("kaslr offset: {:#x}", k.kaslr_offset);
-    println!("phys_base:    {:#x}", k.image.phys_base);
-    println!("symbols:      {}", k.symbols.len());
-    Ok(0)
-}
-
 fn patch(args: PatchArgs) -> Result<i32, String> {
     match args.action {
         Some(PatchAction::List { target }) => api_call(&target, "GET", "/patches", None),
@@ -536,7 +534,9 @@ fn main() -> ExitCode {
             all,
             names,
         } => symbols(&snapshot, all, &names),
-        Command::Kernel { snapshot } => kernel_info(&snapshot),
+        Command::Kernel(src) => inspect::kernel(&src),
+        Command::Ps(src) => inspect::ps(&src),
+        Command::Stack { pid, cpu, source } => inspect::stack(&source, pid, cpu),
         Command::Sysrq { target, key } => {
             let body = serde_json::json!({"key": key.to_string()}).to_string();
             api_call(&target, "PUT", "/console/sysrq", Some(body))

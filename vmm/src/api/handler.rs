@@ -70,6 +70,21 @@ impl RunningVm {
                 ApiResponse::ok(json!({ "events": self.ledger().events() })),
                 None,
             ),
+            ApiRequest::Kernel => (
+                self.kernel_json()
+                    .map_or_else(|e| ApiResponse::error(422, e), ApiResponse::ok),
+                None,
+            ),
+            ApiRequest::KernelText { symbol } => (
+                self.kernel_text_json(&symbol)
+                    .map_or_else(|e| ApiResponse::error(422, e), ApiResponse::ok),
+                None,
+            ),
+            ApiRequest::Tasks { stacks } => (
+                self.tasks_json(stacks)
+                    .map_or_else(|e| ApiResponse::error(422, e), ApiResponse::ok),
+                None,
+            ),
             ApiRequest::Sysrq { key } => {
                 if self.is_paused() {
                     // The device loop is frozen: nothing reaches a paused guest.

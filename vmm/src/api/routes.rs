@@ -29,6 +29,12 @@ pub enum ApiRequest {
     ListPatches,
     /// `GET /patches/events`
     PatchEvents,
+    /// `GET /kernel`: release, build ID, KASLR offset, paging mode.
+    Kernel,
+    /// `GET /kernel/text?symbol=NAME[,SYMPOS]`: a function's current bytes.
+    KernelText { symbol: String },
+    /// `GET /tasks[?stacks=true]`: every task (and its kernel stack trace).
+    Tasks { stacks: bool },
 }
 
 /// A response: HTTP status and JSON body.
@@ -109,12 +115,12 @@ fn json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiResponse> {
 
 /// Maps a request to an [`ApiRequest`], or to the error response to send.
 pub fn route(req: &Request) -> Result<ApiRequest, ApiResponse> {
-    let path = req.path.split('?').next().unwrap_or("");
+    let (path, query) = req.path.split_once('?').unwrap_or((&req.path, ""));
     let method = req.method.as_str();
     let allowed = match path {
         "/vm" => "GET",
         "/vm/state" | "/snapshot" | "/console/sysrq" | "/patches/disable" => "PUT",
-        "/vm/vcpus" | "/patches/events" => "GET",
+        "/vm/vcpus" | "/patches/events" | "/kernel" | "/kernel/text" | "/tasks" => "GET",
         "/patches" if req.method == "GET" => "GET",
         "/patches" => "PUT",
         _ => return Err(ApiResponse::error(404, format!("no endpoint {path}"))),
@@ -129,6 +135,21 @@ pub fn route(req: &Request) -> Result<ApiRequest, ApiResponse> {
         "/vm" => Ok(ApiRequest::Status),
         "/vm/vcpus" => Ok(ApiRequest::Vcpus),
         "/patches/events" => Ok(ApiRequest::PatchEvents),
+        "/kernel" => Ok(ApiRequest::Kernel),
+        "/kernel/text" => match query.strip_prefix("symbol=") {
+            Some(sym) if !sym.is_empty() && !sym.contains('&') => Ok(ApiRequest::KernelText {
+                symbol: sym.to_string(),
+            }),
+            _ => Err(ApiResponse::error(400, "give ?symbol=NAME[,SYMPOS]")),
+        },
+        "/tasks" => match query {
+            "" | "stacks=false" => Ok(ApiRequest::Tasks { stacks: false }),
+            "stacks=true" => Ok(ApiRequest::Tasks { stacks: true }),
+            other => Err(ApiResponse::error(
+                400,
+                format!("unknown query {other:?} (only stacks=true|false)"),
+            )),
+        },
         "/patches" if method == "GET" => Ok(ApiRequest::ListPatches),
         "/patches" => {
             let b: PatchBody = json(&req.body)?;
@@ -215,6 +236,15 @@ mod tests {
             Ok(ApiRequest::Sysrq { key: 't' })
         );
         assert_eq!(route(&req("GET", "/vm/vcpus", "")), Ok(ApiRequest::Vcpus));
+        assert_eq!(route(&req("GET", "/kernel", "")), Ok(ApiRequest::Kernel));
+        assert_eq!(
+            route(&req("GET", "/tasks", "")),
+            Ok(ApiRequest::Tasks { stacks: false })
+        );
+        assert_eq!(
+            route(&req("GET", "/tasks?stacks=true", "")),
+            Ok(ApiRequest::Tasks { stacks: true })
+        );
     }
 
     #[test]
@@ -227,6 +257,9 @@ mod tests {
             (req("PUT", "/vm/state", r#"{"state":"paused","x":1}"#), 400),
             (req("PUT", "/console/sysrq", r#"{"key":"ab"}"#), 400),
             (req("PUT", "/snapshot", r#"{"dir":""}"#), 400),
+            (req("GET", "/tasks?stacks=maybe", ""), 400),
+            (req("GET", "/kernel/text", ""), 400),
+            (req("PUT", "/tasks", ""), 405),
         ];
         for (r, status) in cases {
             let e = route(&r).unwrap_err();

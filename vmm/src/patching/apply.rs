@@ -2,12 +2,11 @@
 
 use std::time::Duration;
 
-use introspect::kernel::Kernel;
 use patcher::bundle::Bundle;
 use patcher::transition::{self, Options};
 
 use super::area::PatchArea;
-use super::live::{LiveMemory, LiveTarget};
+use super::live::LiveTarget;
 use crate::builder::RunningVm;
 
 /// Why a patch request failed before or during its transition.
@@ -15,7 +14,7 @@ use crate::builder::RunningVm;
 pub enum PatchError {
     #[error("cannot read bundle {path}: {detail}")]
     Bundle { path: String, detail: String },
-    #[error("cannot find the guest kernel in memory: {0}")]
+    #[error("{0}")]
     Introspect(String),
     #[error("cannot map the patch area: {0}")]
     Area(String),
@@ -27,13 +26,9 @@ pub enum PatchError {
 
 impl RunningVm {
     fn ensure_kernel_and_area(&mut self) -> Result<(), PatchError> {
-        if self.kernel.is_none() {
-            let kernel = Kernel::discover(&LiveMemory(self.vm.memory()))
-                .map_err(|e| PatchError::Introspect(e.to_string()))?;
-            self.kernel = Some(kernel);
-        }
+        self.guest_kernel().map_err(PatchError::Introspect)?;
         if self.patch_area.is_none() {
-            let k = self.kernel.as_ref().expect("set above");
+            let k = &self.kernel.as_ref().expect("loaded above").kernel;
             let sym = |n: &str| {
                 k.symbols
                     .lookup(n, None)
@@ -79,7 +74,7 @@ impl RunningVm {
         let result = {
             let mut target = LiveTarget {
                 vm: self,
-                kernel: self.kernel.as_ref().expect("kernel found"),
+                guest: self.kernel.as_ref().expect("kernel found"),
                 area: self.patch_area.expect("area mapped"),
             };
             transition::apply(
@@ -117,7 +112,7 @@ impl RunningVm {
         let result = {
             let mut target = LiveTarget {
                 vm: self,
-                kernel: self.kernel.as_ref().expect("kernel found"),
+                guest: self.kernel.as_ref().expect("kernel found"),
                 area: self.patch_area.expect("area mapped"),
             };
             transition::disable(&mut target, &mut ledger, name, &opts, &|| false)

@@ -2,32 +2,18 @@
 //! (`introspect`), pausing through the vCPU threads, kernel text written through guest
 //! memory while every vCPU is out of `KVM_RUN`, patch code placed in the patch area.
 
+use introspect::guest::GuestKernel;
 use introspect::kallsyms::LookupError;
-use introspect::kernel::Kernel;
-use introspect::memory::{GuestPhysMemory, MemError};
+use introspect::orc::FrameKind;
 use patcher::consistency::TaskStack;
 use patcher::linker::LinkedPatch;
 use patcher::target::{FunctionSymbol, PatchTarget};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::area::{PatchArea, Perm};
 use crate::builder::RunningVm;
+use crate::introspection::{cpu_regs, LiveMemory};
 use crate::vstate::pause;
-
-/// Guest-physical memory of a live VM, for `introspect`.
-pub struct LiveMemory<'a>(pub &'a GuestMemoryMmap);
-
-impl GuestPhysMemory for LiveMemory<'_> {
-    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
-        self.0
-            .read_slice(buf, GuestAddress(gpa))
-            .map_err(|_| MemError::Unbacked(gpa))
-    }
-
-    fn regions(&self) -> Vec<(u64, u64)> {
-        self.0.iter().map(|r| (r.start_addr().0, r.len())).collect()
-    }
-}
 
 /// Kernel-image window: the only virtual range this target reads or writes directly.
 const IMAGE_WINDOW: std::ops::Range<u64> = 0xffff_ffff_8000_0000..0xffff_ffff_c000_0000;
@@ -35,7 +21,7 @@ const IMAGE_WINDOW: std::ops::Range<u64> = 0xffff_ffff_8000_0000..0xffff_ffff_c0
 /// A running VM as the patcher sees it.
 pub struct LiveTarget<'a> {
     pub vm: &'a RunningVm,
-    pub kernel: &'a Kernel,
+    pub guest: &'a GuestKernel,
     pub area: PatchArea,
 }
 
@@ -45,7 +31,7 @@ impl LiveTarget<'_> {
         if !IMAGE_WINDOW.contains(&va) || end > IMAGE_WINDOW.end {
             return Err(format!("{va:#x} is outside the kernel image window"));
         }
-        Ok(self.kernel.image.pa(va))
+        Ok(self.guest.kernel.image.pa(va))
     }
 }
 
@@ -58,15 +44,16 @@ fn lookup_msg(e: LookupError) -> String {
 
 impl PatchTarget for LiveTarget<'_> {
     fn kernel_release(&self) -> Result<String, String> {
-        Ok(self.kernel.release.clone())
+        Ok(self.guest.kernel.release.clone())
     }
 
     fn kernel_build_id(&self) -> Result<Option<String>, String> {
-        Ok(self.kernel.build_id.clone())
+        Ok(self.guest.kernel.build_id.clone())
     }
 
     fn function(&self, name: &str, sympos: Option<u32>) -> Result<FunctionSymbol, String> {
         let s = self
+            .guest
             .kernel
             .symbols
             .lookup(name, sympos)
@@ -82,7 +69,8 @@ impl PatchTarget for LiveTarget<'_> {
     }
 
     fn symbol(&self, name: &str, sympos: Option<u32>) -> Result<u64, String> {
-        self.kernel
+        self.guest
+            .kernel
             .symbols
             .lookup(name, sympos)
             .map(|s| s.addr)
@@ -135,11 +123,44 @@ impl PatchTarget for LiveTarget<'_> {
     }
 
     fn task_stacks(&mut self) -> Result<Vec<TaskStack>, String> {
-        Err(
-            "task stacks are not introspected yet (issue #4), so the consistency check cannot \
-             clear the transition; --force skips it"
-                .into(),
-        )
+        // Called inside the transition's pause: the vCPUs are stopped.
+        let regs = self
+            .vm
+            .vcpus
+            .iter()
+            .map(|v| {
+                pause::save_one(v, &self.vm.msr_indices)
+                    .map(|s| cpu_regs(&s))
+                    .map_err(|e| e.to_string())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let traces = self
+            .guest
+            .task_traces(&LiveMemory(self.vm.vm.memory()), &regs)
+            .map_err(|e| e.to_string())?;
+        Ok(traces
+            .into_iter()
+            .map(|t| {
+                // User-mode frames (the pt_regs at the bottom) are not kernel code.
+                let (frames, symbols) = t
+                    .trace
+                    .trace
+                    .frames
+                    .iter()
+                    .zip(t.trace.symbols)
+                    .filter(|(f, _)| f.kind != FrameKind::UserRegs)
+                    .map(|(f, s)| (f.ip, s))
+                    .unzip();
+                TaskStack {
+                    pid: t.task.pid,
+                    comm: t.task.comm,
+                    frames,
+                    symbols,
+                    reliable: t.trace.trace.reliable,
+                    words: t.trace.words,
+                }
+            })
+            .collect())
     }
 
     fn read_kernel(&self, addr: u64, buf: &mut [u8]) -> Result<(), String> {

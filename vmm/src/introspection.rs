@@ -1,0 +1,204 @@
+//! The VMM's side of guest introspection: a live VM's (or a snapshot's) memory and vCPU
+//! registers as `introspect`'s two inputs, the guest kernel loaded once per VM, and the
+//! task/stack report the API and the CLI print (`vmm ps`, `vmm stack`).
+
+use std::path::Path;
+
+use introspect::cpu::{CpuRegs, Vcpus};
+use introspect::guest::{GuestKernel, TaskStackTrace};
+use introspect::memory::{FileMemory, GuestPhysMemory, MemError};
+use introspect::orc::FrameKind;
+use serde_json::{json, Value};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::builder::RunningVm;
+use crate::persist::snapshot::{VmSnapshot, MEMORY_FILE, STATE_FILE};
+use crate::persist::vcpu_state::VcpuState;
+
+/// `MSR_KERNEL_GS_BASE`.
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+
+/// Guest-physical memory of a live VM.
+pub struct LiveMemory<'a>(pub &'a GuestMemoryMmap);
+
+impl GuestPhysMemory for LiveMemory<'_> {
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.0
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|_| MemError::Unbacked(gpa))
+    }
+
+    fn regions(&self) -> Vec<(u64, u64)> {
+        self.0.iter().map(|r| (r.start_addr().0, r.len())).collect()
+    }
+}
+
+/// The registers introspection reads, from a saved (or paused) vCPU.
+pub fn cpu_regs(s: &VcpuState) -> CpuRegs {
+    CpuRegs {
+        rip: s.regs.rip,
+        rsp: s.regs.rsp,
+        rbp: s.regs.rbp,
+        rdi: s.regs.rdi,
+        rdx: s.regs.rdx,
+        r10: s.regs.r10,
+        r13: s.regs.r13,
+        cs: s.sregs.cs.selector,
+        cr3: s.sregs.cr3,
+        cr4: s.sregs.cr4,
+        gs_base: s.sregs.gs.base,
+        kernel_gs_base: s
+            .msrs
+            .iter()
+            .find(|(i, _)| *i == MSR_KERNEL_GS_BASE)
+            .map_or(0, |(_, v)| *v),
+    }
+}
+
+/// A snapshot opened for offline introspection.
+pub struct SnapshotView {
+    pub memory: FileMemory,
+    pub regs: Vec<CpuRegs>,
+}
+
+impl SnapshotView {
+    pub fn open(dir: &Path) -> Result<Self, String> {
+        let snap: VmSnapshot = crate::persist::state_file::read(&dir.join(STATE_FILE))
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        let memory = FileMemory::open(&dir.join(MEMORY_FILE), &snap.ram)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok(SnapshotView {
+            memory,
+            regs: snap.vcpus.iter().map(cpu_regs).collect(),
+        })
+    }
+}
+
+fn trace_json(t: &TaskStackTrace) -> Value {
+    let tr = &t.trace;
+    json!({
+        "frames": tr.trace.frames.iter().zip(&tr.symbols)
+            .filter(|(f, _)| f.kind != FrameKind::UserRegs)
+            .map(|(f, s)| json!({
+            "ip": format!("{:#x}", f.ip),
+            "symbol": s,
+        })).collect::<Vec<_>>(),
+        "reliable": tr.trace.reliable,
+        "problem": tr.trace.problem,
+        "ended_in_user": tr.trace.ended_in_user,
+    })
+}
+
+/// The task list (and, with `stacks`, every task's trace) as the API returns it.
+pub fn tasks_report(
+    gk: &GuestKernel,
+    mem: &dyn GuestPhysMemory,
+    vcpus: &dyn Vcpus,
+    stacks: bool,
+) -> Result<Value, String> {
+    let list = gk.task_traces(mem, vcpus).map_err(|e| e.to_string())?;
+    let tasks: Vec<Value> = list
+        .iter()
+        .map(|t| {
+            let k = &t.task;
+            let mut v = json!({
+                "pid": k.pid,
+                "tgid": k.tgid,
+                "comm": k.comm,
+                "state": k.state_letter().to_string(),
+                "cpu": k.cpu,
+                "current_on": k.current_on,
+                "kthread": k.is_kthread(),
+                "idle": k.is_idle(),
+                "task": format!("{:#x}", k.addr),
+                "stack": format!("{:#x}", k.stack),
+            });
+            if stacks {
+                v["trace"] = trace_json(t);
+            }
+            v
+        })
+        .collect();
+    Ok(json!({ "tasks": tasks }))
+}
+
+/// The kernel summary `vmm kernel` prints.
+pub fn kernel_report(gk: &GuestKernel) -> Value {
+    let k = &gk.kernel;
+    json!({
+        "release": k.release,
+        "build_id": k.build_id,
+        "kaslr_offset": format!("{:#x}", k.kaslr_offset),
+        "phys_base": format!("{:#x}", k.image.phys_base),
+        "paging_levels": gk.page_tables.levels(),
+        "symbols": k.symbols.len(),
+        "btf_types": gk.btf.type_count(),
+        "orc_entries": gk.orc.len(),
+    })
+}
+
+impl RunningVm {
+    /// The guest kernel, loaded on first use (it is read-only kernel data, valid for the
+    /// life of this boot).
+    pub fn guest_kernel(&mut self) -> Result<&GuestKernel, String> {
+        if self.kernel.is_none() {
+            let gk = GuestKernel::load(&LiveMemory(self.vm.memory()))
+                .map_err(|e| format!("cannot find the guest kernel in memory: {e}"))?;
+            self.kernel = Some(gk);
+        }
+        Ok(self.kernel.as_ref().expect("loaded above"))
+    }
+
+    /// `GET /tasks`: pauses the vCPUs for the walk (unless already paused).
+    pub fn tasks_json(&mut self, stacks: bool) -> Result<Value, String> {
+        self.guest_kernel()?;
+        let gk = self.kernel.as_ref().expect("loaded");
+        self.with_paused(|p| {
+            let regs: Vec<CpuRegs> = p
+                .vcpu_states()
+                .map_err(|e| e.to_string())?
+                .iter()
+                .map(cpu_regs)
+                .collect();
+            tasks_report(gk, &LiveMemory(p.memory()), &regs, stacks)
+        })
+        .map_err(|e| e.to_string())?
+    }
+
+    /// `GET /kernel`.
+    pub fn kernel_json(&mut self) -> Result<Value, String> {
+        self.guest_kernel().map(kernel_report)
+    }
+
+    /// `GET /kernel/text?symbol=NAME[,SYMPOS]`: the function's bytes as they are now.
+    pub fn kernel_text_json(&mut self, symbol: &str) -> Result<Value, String> {
+        let (name, pos) = match symbol.split_once(',') {
+            Some((n, p)) => (
+                n,
+                Some(
+                    p.parse::<u32>()
+                        .map_err(|_| format!("bad sympos in {symbol}"))?,
+                ),
+            ),
+            None => (symbol, None),
+        };
+        let gk = self.guest_kernel()?;
+        let s = gk
+            .kernel
+            .symbols
+            .lookup(name, pos)
+            .map_err(|e| e.to_string())?;
+        let (addr, size) = (s.addr, s.size.min(64 << 10));
+        if !(0xffff_ffff_8000_0000..0xffff_ffff_c000_0000).contains(&addr) {
+            return Err(format!("{name} ({addr:#x}) is not in the kernel image"));
+        }
+        let pa = gk.kernel.image.pa(addr);
+        let mut buf = vec![0u8; size as usize];
+        self.vm
+            .memory()
+            .read_slice(&mut buf, GuestAddress(pa))
+            .map_err(|e| format!("{name}: {e}"))?;
+        let hex: String = buf.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(json!({ "symbol": name, "addr": format!("{addr:#x}"), "size": size, "bytes": hex }))
+    }
+}
