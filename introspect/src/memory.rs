@@ -87,6 +87,60 @@ impl GuestPhysMemory for FileMemory {
     }
 }
 
+/// Memory held in buffers per RAM region (a dump or snapshot memory file loaded whole,
+/// which reads like a live VM's mapped memory).
+pub struct RegionMemory {
+    /// (guest-physical start, bytes)
+    regions: Vec<(u64, Vec<u8>)>,
+}
+
+impl RegionMemory {
+    pub fn new(regions: Vec<(u64, Vec<u8>)>) -> Self {
+        RegionMemory { regions }
+    }
+
+    /// Loads a file laid out as `FileMemory` expects.
+    pub fn load(path: &Path, layout: &[(u64, u64)]) -> Result<Self, MemError> {
+        let file = FileMemory::open(path, layout)?;
+        let mut regions = Vec::with_capacity(layout.len());
+        for &(start, len) in layout {
+            let size = usize::try_from(len).map_err(|_| MemError::Unbacked(start))?;
+            let mut buf = vec![0u8; size];
+            file.read_phys(start, &mut buf)?;
+            regions.push((start, buf));
+        }
+        Ok(RegionMemory { regions })
+    }
+}
+
+impl GuestPhysMemory for RegionMemory {
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        for (start, bytes) in &self.regions {
+            let Some(off) = gpa.checked_sub(*start) else {
+                continue;
+            };
+            let Ok(off) = usize::try_from(off) else {
+                continue;
+            };
+            if let Some(src) = off
+                .checked_add(buf.len())
+                .and_then(|end| bytes.get(off..end))
+            {
+                buf.copy_from_slice(src);
+                return Ok(());
+            }
+        }
+        Err(MemError::Unbacked(gpa))
+    }
+
+    fn regions(&self) -> Vec<(u64, u64)> {
+        self.regions
+            .iter()
+            .map(|(s, b)| (*s, b.len() as u64))
+            .collect()
+    }
+}
+
 /// Little-endian integer readers over any memory.
 pub fn read_u32(mem: &dyn GuestPhysMemory, gpa: u64) -> Result<u32, MemError> {
     let mut b = [0u8; 4];
@@ -110,6 +164,17 @@ mod tests {
         assert_eq!(read_u32(&m, 4).unwrap(), 0x0807_0605);
         assert_eq!(read_u32(&m, 5), Err(MemError::Unbacked(5)));
         assert_eq!(read_u64(&m, u64::MAX), Err(MemError::Unbacked(u64::MAX)));
+    }
+
+    #[test]
+    fn region_memory_reads_inside_one_region_only() {
+        let m = RegionMemory::new(vec![(0x1000, vec![1, 2, 3, 4]), (0x9000, vec![9; 8])]);
+        assert_eq!(read_u32(&m, 0x1000).unwrap(), 0x0403_0201);
+        assert_eq!(read_u64(&m, 0x9000).unwrap(), 0x0909_0909_0909_0909);
+        assert!(read_u32(&m, 0x1001).is_err(), "past the region's end");
+        assert!(read_u32(&m, 0x0fff).is_err());
+        assert!(read_u64(&m, u64::MAX - 3).is_err());
+        assert_eq!(m.regions(), vec![(0x1000, 4), (0x9000, 8)]);
     }
 
     #[test]

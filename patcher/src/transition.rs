@@ -133,12 +133,15 @@ fn run<T: PatchTarget>(
     ledger.log(bundle, "transition started");
     loop {
         attempt += 1;
+        let stopped_at = Instant::now();
         target.pause().map_err(TransitionError::Target)?;
+        let mut checked = 0usize;
         let outcome = (|| {
             let t = plan(ledger, target)?;
             if !opts.force {
                 let rips = target.vcpu_rips().map_err(TransitionError::Target)?;
                 let tasks = target.task_stacks().map_err(TransitionError::Target)?;
+                checked = tasks.len();
                 if let Err(blockers) = consistency::check(&t.busy_ranges, &rips, &tasks) {
                     return Ok(Err(blockers));
                 }
@@ -147,6 +150,14 @@ fn run<T: PatchTarget>(
             Ok(Ok(t))
         })();
         target.resume().map_err(TransitionError::Target)?;
+        // The guest-visible cost of this attempt: pause to resume, stack check included.
+        ledger.log(
+            bundle,
+            format!(
+                "attempt {attempt}: vCPUs stopped for {} us, {checked} task stacks checked",
+                stopped_at.elapsed().as_micros()
+            ),
+        );
         match outcome {
             Ok(Ok(t)) => return Ok(t),
             Ok(Err(blockers)) => {
@@ -535,16 +546,19 @@ mod tests {
         disable(&mut vm, &mut ledger, "cmdline", &quick(), &|| false).unwrap();
         assert_eq!(vm.text, original);
         let log: Vec<&str> = ledger.events().iter().map(|e| e.what.as_str()).collect();
-        assert_eq!(
-            log,
-            [
-                "accepted",
-                "transition started",
-                "completed",
-                "transition started",
-                "disabled"
-            ]
+        assert_eq!(log.len(), 7, "{log:?}");
+        assert_eq!(&log[..2], ["accepted", "transition started"]);
+        assert!(
+            log[2].starts_with("attempt 1: vCPUs stopped for "),
+            "{log:?}"
         );
+        assert!(log[2].ends_with(" us, 1 task stacks checked"), "{log:?}");
+        assert_eq!(&log[3..5], ["completed", "transition started"]);
+        assert!(
+            log[5].starts_with("attempt 1: vCPUs stopped for "),
+            "{log:?}"
+        );
+        assert_eq!(log[6], "disabled");
     }
 
     #[test]

@@ -108,13 +108,19 @@ impl Guest {
             full.push("--api-socket".into());
             full.push(api_socket.display().to_string());
         }
-        let mut child = Command::new(vmm_binary())
-            .args(&full)
+        let mut cmd = Command::new(vmm_binary());
+        cmd.args(&full);
+        Guest::spawn(cmd, api_socket)
+    }
+
+    /// Starts any program (e.g. QEMU, for oracle tests) with its console on stdin/stdout.
+    pub fn spawn(mut cmd: Command, api_socket: PathBuf) -> Guest {
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("cannot start vmm");
+            .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
         let echo = std::env::var("VMM_TEST_ECHO").is_ok_and(|v| v == "1");
         let output = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use introspect::cpu::{CpuRegs, Vcpus};
 use introspect::guest::{GuestKernel, TaskStackTrace};
+use introspect::kallsyms::{Symbol, SymbolTable};
 use introspect::memory::{FileMemory, GuestPhysMemory, MemError};
 use introspect::orc::FrameKind;
 use serde_json::{json, Value};
@@ -122,6 +123,27 @@ pub fn tasks_report(
     Ok(json!({ "tasks": tasks }))
 }
 
+/// `/proc/kallsyms` lines: every symbol, or the named ones (`name` or `name,sympos`).
+pub fn symbol_lines(table: &SymbolTable, names: &[String]) -> Result<Vec<String>, String> {
+    let line = |s: &Symbol| format!("{:016x} {} {}", s.addr, s.kind, s.name);
+    if names.is_empty() {
+        return Ok(table.symbols().iter().map(line).collect());
+    }
+    names
+        .iter()
+        .map(|n| {
+            let (name, pos) = match n.split_once(',') {
+                Some((a, b)) => (
+                    a,
+                    Some(b.parse::<u32>().map_err(|_| format!("bad sympos in {n}"))?),
+                ),
+                None => (n.as_str(), None),
+            };
+            table.lookup(name, pos).map(line).map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
 /// The kernel summary `vmm kernel` prints.
 pub fn kernel_report(gk: &GuestKernel) -> Value {
     let k = &gk.kernel;
@@ -163,6 +185,12 @@ impl RunningVm {
             tasks_report(gk, &LiveMemory(p.memory()), &regs, stacks)
         })
         .map_err(|e| e.to_string())?
+    }
+
+    /// `GET /kernel/symbols[?names=A;B,2]`.
+    pub fn symbols_json(&mut self, names: &[String]) -> Result<Value, String> {
+        let gk = self.guest_kernel()?;
+        Ok(json!({ "symbols": symbol_lines(&gk.kernel.symbols, names)? }))
     }
 
     /// `GET /kernel`.

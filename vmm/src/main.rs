@@ -53,16 +53,15 @@ enum Command {
     },
     /// Live-patch the running guest kernel, or list/disable applied bundles.
     Patch(PatchArgs),
-    /// Print guest kernel symbols (/proc/kallsyms format) read from a snapshot's memory.
+    /// Print guest kernel symbols in /proc/kallsyms format, read from guest memory.
     Symbols {
-        /// Snapshot directory to read.
-        #[arg(long)]
-        snapshot: PathBuf,
         /// Print every symbol.
         #[arg(long, conflicts_with = "names")]
         all: bool,
         /// Symbols to print (name or name,sympos).
         names: Vec<String>,
+        #[command(flatten)]
+        source: inspect::Source,
     },
     /// Print what the guest kernel is: release, build ID, KASLR offset, paging mode.
     Kernel(inspect::Source),
@@ -340,45 +339,6 @@ fn snapshot(target: &ApiTarget, output: &std::path::Path, stop: bool) -> Result<
     api_call(target, "PUT", "/snapshot", Some(body))
 }
 
-/// Opens a snapshot's memory and finds the kernel in it.
-fn snapshot_kernel(dir: &std::path::Path) -> Result<introspect::kernel::Kernel, String> {
-    use vmm::persist::snapshot::{VmSnapshot, MEMORY_FILE, STATE_FILE};
-    let snap: VmSnapshot =
-        vmm::persist::state_file::read(&dir.join(STATE_FILE)).map_err(|e| e.to_string())?;
-    let mem = introspect::memory::FileMemory::open(&dir.join(MEMORY_FILE), &snap.ram)
-        .map_err(|e| e.to_string())?;
-    introspect::kernel::Kernel::discover(&mem).map_err(|e| format!("{}: {e}", dir.display()))
-}
-
-fn symbols(dir: &std::path::Path, all: bool, names: &[String]) -> Result<i32, String> {
-    let kernel = snapshot_kernel(dir)?;
-    let line = |s: &introspect::kallsyms::Symbol| format!("{:016x} {} {}", s.addr, s.kind, s.name);
-    if all || names.is_empty() {
-        let mut out = String::with_capacity(kernel.symbols.len() * 40);
-        for s in kernel.symbols.symbols() {
-            out.push_str(&line(s));
-            out.push('\n');
-        }
-        print!("{out}");
-        return Ok(0);
-    }
-    for n in names {
-        let (name, pos) = match n.split_once(',') {
-            Some((a, b)) => (
-                a,
-                Some(b.parse::<u32>().map_err(|_| format!("bad sympos in {n}"))?),
-            ),
-            None => (n.as_str(), None),
-        };
-        let s = kernel
-            .symbols
-            .lookup(name, pos)
-            .map_err(|e| e.to_string())?;
-        println!("{}", line(s));
-    }
-    Ok(0)
-}
-
 fn patch(args: PatchArgs) -> Result<i32, String> {
     match args.action {
         Some(PatchAction::List { target }) => api_call(&target, "GET", "/patches", None),
@@ -529,11 +489,7 @@ fn main() -> ExitCode {
             stop,
         } => snapshot(&target, &output, stop),
         Command::Patch(args) => patch(args),
-        Command::Symbols {
-            snapshot,
-            all,
-            names,
-        } => symbols(&snapshot, all, &names),
+        Command::Symbols { all, names, source } => inspect::symbols(&source, all, &names),
         Command::Kernel(src) => inspect::kernel(&src),
         Command::Ps(src) => inspect::ps(&src),
         Command::Stack { pid, cpu, source } => inspect::stack(&source, pid, cpu),

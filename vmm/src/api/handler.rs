@@ -75,6 +75,11 @@ impl RunningVm {
                     .map_or_else(|e| ApiResponse::error(422, e), ApiResponse::ok),
                 None,
             ),
+            ApiRequest::KernelSymbols { names } => (
+                self.symbols_json(&names)
+                    .map_or_else(|e| ApiResponse::error(422, e), ApiResponse::ok),
+                None,
+            ),
             ApiRequest::KernelText { symbol } => (
                 self.kernel_text_json(&symbol)
                     .map_or_else(|e| ApiResponse::error(422, e), ApiResponse::ok),

@@ -31,6 +31,8 @@ pub enum ApiRequest {
     PatchEvents,
     /// `GET /kernel`: release, build ID, KASLR offset, paging mode.
     Kernel,
+    /// `GET /kernel/symbols[?names=A;B,2]`: /proc/kallsyms lines.
+    KernelSymbols { names: Vec<String> },
     /// `GET /kernel/text?symbol=NAME[,SYMPOS]`: a function's current bytes.
     KernelText { symbol: String },
     /// `GET /tasks[?stacks=true]`: every task (and its kernel stack trace).
@@ -120,7 +122,8 @@ pub fn route(req: &Request) -> Result<ApiRequest, ApiResponse> {
     let allowed = match path {
         "/vm" => "GET",
         "/vm/state" | "/snapshot" | "/console/sysrq" | "/patches/disable" => "PUT",
-        "/vm/vcpus" | "/patches/events" | "/kernel" | "/kernel/text" | "/tasks" => "GET",
+        "/vm/vcpus" | "/patches/events" | "/kernel" | "/kernel/text" | "/kernel/symbols"
+        | "/tasks" => "GET",
         "/patches" if req.method == "GET" => "GET",
         "/patches" => "PUT",
         _ => return Err(ApiResponse::error(404, format!("no endpoint {path}"))),
@@ -136,6 +139,15 @@ pub fn route(req: &Request) -> Result<ApiRequest, ApiResponse> {
         "/vm/vcpus" => Ok(ApiRequest::Vcpus),
         "/patches/events" => Ok(ApiRequest::PatchEvents),
         "/kernel" => Ok(ApiRequest::Kernel),
+        "/kernel/symbols" => match query {
+            "" => Ok(ApiRequest::KernelSymbols { names: Vec::new() }),
+            q => match q.strip_prefix("names=") {
+                Some(n) if !n.is_empty() && !n.contains('&') => Ok(ApiRequest::KernelSymbols {
+                    names: n.split(';').map(str::to_string).collect(),
+                }),
+                _ => Err(ApiResponse::error(400, "give ?names=NAME[,SYMPOS][;NAME…]")),
+            },
+        },
         "/kernel/text" => match query.strip_prefix("symbol=") {
             Some(sym) if !sym.is_empty() && !sym.contains('&') => Ok(ApiRequest::KernelText {
                 symbol: sym.to_string(),

@@ -4,14 +4,22 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use introspect::cpu::CpuRegs;
+use introspect::guest::GuestKernel;
+use introspect::kernel::Kernel;
+use introspect::memory::{FileMemory, GuestPhysMemory};
 use serde_json::Value;
 
 /// Where to read the guest from.
 #[derive(Args)]
 pub struct Source {
     /// Read this snapshot directory instead of asking a running VM.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "dump")]
     pub snapshot: Option<PathBuf>,
+    /// Read a raw dump of guest RAM from guest-physical 0 (e.g. QEMU's `pmemsave 0 SIZE FILE`);
+    /// there are no vCPU registers, so tasks running on a CPU are not unwound.
+    #[arg(long)]
+    pub dump: Option<PathBuf>,
     /// VM name: its socket is /run/vmm/NAME.sock (or $XDG_RUNTIME_DIR/vmm/ when not root).
     #[arg(long, default_value = "default")]
     pub name: String,
@@ -27,10 +35,10 @@ impl Source {
     fn get(
         &self,
         path: &str,
-        offline: impl FnOnce(&PathBuf) -> Result<Value, String>,
+        offline: impl FnOnce(&Offline) -> Result<Value, String>,
     ) -> Result<Value, String> {
-        if let Some(dir) = &self.snapshot {
-            return offline(dir);
+        if let Some(o) = self.offline()? {
+            return offline(&o);
         }
         let socket = self
             .api_socket
@@ -50,19 +58,42 @@ impl Source {
     }
 }
 
-fn load_offline(
-    dir: &std::path::Path,
-) -> Result<
-    (
-        vmm::introspection::SnapshotView,
-        introspect::guest::GuestKernel,
-    ),
-    String,
-> {
-    let view = vmm::introspection::SnapshotView::open(dir)?;
-    let gk = introspect::guest::GuestKernel::load(&view.memory)
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
-    Ok((view, gk))
+/// Guest memory and registers read from a file.
+pub struct Offline {
+    name: String,
+    memory: Box<dyn GuestPhysMemory>,
+    regs: Vec<CpuRegs>,
+}
+
+impl Source {
+    fn offline(&self) -> Result<Option<Offline>, String> {
+        if let Some(dir) = &self.snapshot {
+            let view = vmm::introspection::SnapshotView::open(dir)?;
+            return Ok(Some(Offline {
+                name: dir.display().to_string(),
+                memory: Box::new(view.memory),
+                regs: view.regs,
+            }));
+        }
+        if let Some(file) = &self.dump {
+            let len = std::fs::metadata(file)
+                .map_err(|e| format!("{}: {e}", file.display()))?
+                .len();
+            let memory = FileMemory::open(file, &[(0, len)]).map_err(|e| e.to_string())?;
+            return Ok(Some(Offline {
+                name: file.display().to_string(),
+                memory: Box::new(memory),
+                regs: Vec::new(),
+            }));
+        }
+        Ok(None)
+    }
+}
+
+impl Offline {
+    fn guest_kernel(&self) -> Result<GuestKernel, String> {
+        GuestKernel::load(self.memory.as_ref()).map_err(|e| format!("{}: {e}", self.name))
+    }
 }
 
 fn tasks(src: &Source, stacks: bool) -> Result<Vec<Value>, String> {
@@ -71,9 +102,9 @@ fn tasks(src: &Source, stacks: bool) -> Result<Vec<Value>, String> {
     } else {
         "/tasks"
     };
-    let v = src.get(path, |dir| {
-        let (view, gk) = load_offline(dir)?;
-        vmm::introspection::tasks_report(&gk, &view.memory, &view.regs, stacks)
+    let v = src.get(path, |o| {
+        let gk = o.guest_kernel()?;
+        vmm::introspection::tasks_report(&gk, o.memory.as_ref(), &o.regs, stacks)
     })?;
     v["tasks"]
         .as_array()
@@ -163,9 +194,8 @@ pub fn stack(src: &Source, pid: Option<i64>, cpu: Option<u64>) -> Result<i32, St
 
 /// `vmm kernel`.
 pub fn kernel(src: &Source) -> Result<i32, String> {
-    let v = src.get("/kernel", |dir| {
-        let (_, gk) = load_offline(dir)?;
-        Ok(vmm::introspection::kernel_report(&gk))
+    let v = src.get("/kernel", |o| {
+        Ok(vmm::introspection::kernel_report(&o.guest_kernel()?))
     })?;
     if src.json {
         println!("{v}");
@@ -188,5 +218,38 @@ pub fn kernel(src: &Source) -> Result<i32, String> {
     ] {
         println!("{label:<15}{}", s(key));
     }
+    Ok(0)
+}
+
+/// `vmm symbols [NAME[,SYMPOS]…|--all]`: /proc/kallsyms lines.
+pub fn symbols(src: &Source, all: bool, names: &[String]) -> Result<i32, String> {
+    let lines: Vec<String> = match src.offline()? {
+        Some(o) => {
+            let k = Kernel::discover(o.memory.as_ref()).map_err(|e| format!("{}: {e}", o.name))?;
+            vmm::introspection::symbol_lines(&k.symbols, if all { &[] } else { names })?
+        }
+        None => {
+            let query = if all || names.is_empty() {
+                String::new()
+            } else {
+                format!("?names={}", names.join(";"))
+            };
+            let v = src.get(&format!("/kernel/symbols{query}"), |_| {
+                Err("offline handled above".into())
+            })?;
+            v["symbols"]
+                .as_array()
+                .ok_or("the answer has no symbol list")?
+                .iter()
+                .map(|l| l.as_str().unwrap_or("").to_string())
+                .collect()
+        }
+    };
+    let mut out = String::with_capacity(lines.len() * 48);
+    for l in lines {
+        out.push_str(&l);
+        out.push('\n');
+    }
+    print!("{out}");
     Ok(0)
 }

@@ -1,0 +1,232 @@
+//! The introspection library against the guest kernel's own view of the same boot. Guest
+//! user space cannot run on this project's PVM hosts (docs/pvm.md), so the oracle guest runs
+//! under QEMU's TCG, where it can: boot guest.img, let the guest print `/proc/kallsyms`, its
+//! task list and a sleeping task's `/proc/PID/stack` as root, stop QEMU and dump its RAM with
+//! `pmemsave`, then compare with what `vmm symbols|ps|stack|kernel --dump` read from the dump.
+//! Two boots: `-cpu max` (LA57: 5-level paging) and `-cpu max,-la57` with `pti=on`; each gets
+//! its own KASLR offset.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use integration_tests::{guest_artifact, run_vmm, Guest};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(300);
+const RAM: u64 = 512 << 20;
+
+fn vmm_ok(args: &[&str]) -> String {
+    let (status, out, err) = run_vmm(args, T);
+    assert!(status.success(), "vmm {args:?}: {err}");
+    out
+}
+
+/// Under TCG the guest's TSC runs at the host's rate; microvm has no timer to calibrate it.
+fn host_tsc_khz() -> u64 {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("cpu MHz"))
+                .and_then(|l| l.split(':').nth(1))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .map_or(2_000_000, |mhz| (mhz * 1000.0) as u64)
+}
+
+struct Oracle {
+    guest: Guest,
+    monitor: PathBuf,
+    dump: PathBuf,
+}
+
+fn boot_qemu(tag: &str, cpu: &str, append: &str) -> Oracle {
+    let qemu = "qemu-system-x86_64";
+    assert!(
+        Command::new(qemu).arg("--version").output().is_ok(),
+        "{qemu} is missing (scripts/setup installs qemu-system-x86)"
+    );
+    let dir = std::env::temp_dir();
+    let monitor = dir.join(format!("vmm-oracle-{}-{tag}.mon", std::process::id()));
+    let dump = dir.join(format!("vmm-oracle-{}-{tag}.mem", std::process::id()));
+    let _ = std::fs::remove_file(&monitor);
+    let _ = std::fs::remove_file(&dump);
+    let cmdline = format!(
+        "console=ttyS0 root=/dev/vda rw panic=-1 tsc_early_khz={} {append}",
+        host_tsc_khz()
+    );
+    let mut cmd = Command::new(qemu);
+    cmd.args(["-M", "microvm,acpi=on,rtc=on", "-accel", "tcg", "-cpu", cpu])
+        .args(["-smp", "2", "-m", "512", "-nographic", "-no-reboot"])
+        .arg("-kernel")
+        .arg(guest_artifact("vmlinuz"))
+        .arg("-initrd")
+        .arg(guest_artifact("initrd.img"))
+        .args(["-append", &cmdline])
+        .arg("-drive")
+        .arg(format!(
+            "id=d0,file={},format=raw,if=none,snapshot=on",
+            guest_artifact("guest.img").display()
+        ))
+        .args(["-device", "virtio-blk-device,drive=d0"])
+        .arg("-monitor")
+        .arg(format!("unix:{},server=on,wait=off", monitor.display()));
+    let mut guest = Guest::spawn(cmd, monitor.clone());
+    guest.wait_for("VMM-GUEST-READY", T);
+    Oracle {
+        guest,
+        monitor,
+        dump,
+    }
+}
+
+impl Oracle {
+    /// Stops the guest and writes its RAM to `self.dump`.
+    fn stop_and_dump(&mut self) {
+        let mut mon = UnixStream::connect(&self.monitor).expect("QEMU monitor");
+        mon.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        writeln!(mon, "stop").unwrap();
+        writeln!(mon, "pmemsave 0 {RAM:#x} \"{}\"", self.dump.display()).unwrap();
+        writeln!(mon, "info status").unwrap();
+        let start = Instant::now();
+        let mut seen = Vec::new();
+        loop {
+            let mut buf = [0u8; 4096];
+            if let Ok(n) = mon.read(&mut buf) {
+                seen.extend_from_slice(&buf[..n]);
+            }
+            if String::from_utf8_lossy(&seen).contains("VM status: paused")
+                && std::fs::metadata(&self.dump).is_ok_and(|m| m.len() == RAM)
+            {
+                return;
+            }
+            assert!(
+                start.elapsed() < T,
+                "pmemsave did not finish: {}",
+                String::from_utf8_lossy(&seen)
+            );
+        }
+    }
+}
+
+impl Drop for Oracle {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.dump);
+        let _ = std::fs::remove_file(&self.monitor);
+    }
+}
+
+fn check_against_guest(tag: &str, cpu: &str, append: &str, levels: u8) {
+    let mut o = boot_qemu(tag, cpu, append);
+    let g = &mut o.guest;
+    let kallsyms = g.run("cat /proc/kallsyms", T);
+    let listed = g.run("grep -H . /proc/[0-9]*/task/[0-9]*/comm", T);
+    let sleep_pid: i64 = g
+        .run("sleep 1000 & echo $!", T)
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Let it reach its sleep before reading where it sleeps.
+    g.run("sleep 1", T);
+    let proc_stack = g.run(&format!("cat /proc/{sleep_pid}/stack"), T);
+    let pti = g.run("grep -c ' pti' /proc/cpuinfo || true", T);
+    o.stop_and_dump();
+    let dump = o.dump.to_str().unwrap().to_string();
+
+    // Kernel: the paging mode the CPU model implies.
+    let info = vmm_ok(&["kernel", "--dump", &dump]);
+    let level_line = info
+        .lines()
+        .find(|l| l.starts_with("paging levels:"))
+        .unwrap();
+    assert!(level_line.ends_with(&format!(" {levels}")), "{tag}: {info}");
+    if append.contains("pti=on") {
+        assert_ne!(pti.trim(), "0", "{tag}: PTI is not on in the guest");
+    }
+
+    // Symbols: every core-kernel line of /proc/kallsyms, address, type and name.
+    let guest_syms: Vec<&str> = kallsyms
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.contains('\t') && l.split(' ').count() == 3)
+        .collect();
+    let host = vmm_ok(&["symbols", "--all", "--dump", &dump]);
+    let host_syms: Vec<&str> = host.lines().collect();
+    assert!(
+        guest_syms.len() > 80_000,
+        "{tag}: {} lines",
+        guest_syms.len()
+    );
+    assert_eq!(host_syms.len(), guest_syms.len(), "{tag}: symbol counts");
+    let mismatch = host_syms.iter().zip(&guest_syms).position(|(h, g)| h != g);
+    assert_eq!(
+        mismatch.map(|i| (host_syms[i], guest_syms[i])),
+        None,
+        "{tag}: first differing line"
+    );
+
+    // Tasks: every thread the guest listed, by tid and comm (minus the grep that listed
+    // them, which had exited), and nothing else.
+    let guest_tasks: BTreeSet<(i64, String)> = listed
+        .lines()
+        .filter_map(|l| {
+            let (path, comm) = l.split_once(":")?;
+            let tid = path.split('/').nth(4)?.parse().ok()?;
+            Some((tid, comm.trim().to_string()))
+        })
+        .filter(|(_, c)| c != "grep")
+        .collect();
+    let ps: Value = serde_json::from_str(&vmm_ok(&["ps", "--json", "--dump", &dump])).unwrap();
+    let host_tasks: BTreeSet<(i64, String)> = ps["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["pid"] != 0)
+        .map(|t| {
+            (
+                t["pid"].as_i64().unwrap(),
+                t["comm"].as_str().unwrap().to_string(),
+            )
+        })
+        .filter(|(pid, _)| *pid != sleep_pid)
+        .collect();
+    let guest_tasks: BTreeSet<_> = guest_tasks
+        .into_iter()
+        .filter(|(pid, _)| *pid != sleep_pid)
+        .collect();
+    assert!(guest_tasks.len() > 20, "{tag}: {listed}");
+    assert_eq!(host_tasks, guest_tasks, "{tag}: task lists");
+
+    // Stack: the guest's /proc/PID/stack (which hides the scheduler's own __sched frames)
+    // is the tail of the host's reliable ORC trace of the same task.
+    let guest_frames: Vec<&str> = proc_stack.lines().map(str::trim).collect();
+    assert!(guest_frames.len() >= 4, "{tag}: {proc_stack}");
+    let st = vmm_ok(&["stack", &sleep_pid.to_string(), "--dump", &dump]);
+    let host_frames: Vec<&str> = st.lines().filter(|l| l.starts_with("[<0>]")).collect();
+    assert!(st.contains("(user mode)"), "{tag}: {st}");
+    assert_eq!(st.lines().last(), Some("reliable"), "{tag}: {st}");
+    assert!(
+        host_frames.ends_with(&guest_frames),
+        "{tag}: host {host_frames:?} vs guest {guest_frames:?}"
+    );
+    assert!(host_frames.len() - guest_frames.len() <= 4, "{tag}: {st}");
+    assert!(Path::new(&dump).exists());
+}
+
+#[test]
+fn five_level_paging_guest_matches_its_own_proc() {
+    check_against_guest("la57", "max", "", 5);
+}
+
+#[test]
+fn pti_guest_with_four_level_paging_matches_its_own_proc() {
+    check_against_guest("pti", "max,-la57", "pti=on", 4);
+}

@@ -1,0 +1,235 @@
+//! Tasks and kernel stacks read by the host from guest memory, checked against the guest
+//! kernel's own view of the same boot: SysRq 't' makes the kernel print every task
+//! (`task:COMM state:S … pid:N`) with its call trace, unwound by its own ORC unwinder.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use integration_tests::{
+    api, kernel_guest_snapshot, private_disk, run_vmm, wait_for_socket, Guest,
+};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(600);
+
+fn vmm_ok(args: &[&str]) -> String {
+    let (status, out, err) = run_vmm(args, T);
+    assert!(status.success(), "vmm {args:?}: {err}");
+    out
+}
+
+/// One task as the kernel printed it: comm, state letter, kernel-unwound frames
+/// (without the `? ` guesses the kernel adds from scanning the stack).
+#[derive(Debug)]
+struct Printed {
+    comm: String,
+    state: char,
+    frames: Vec<String>,
+}
+
+/// Strips the `[  123.456789] ` timestamp of a console line.
+fn message(line: &str) -> &str {
+    let l = line.trim_end_matches('\r');
+    match l.strip_prefix('[').and_then(|r| r.split_once("] ")) {
+        Some((_, rest)) => rest,
+        None => l,
+    }
+}
+
+fn parse_sysrq_t(out: &str) -> BTreeMap<i64, Printed> {
+    let mut tasks = BTreeMap::new();
+    let mut current: Option<(i64, Printed)> = None;
+    let mut in_trace = false;
+    for line in out.lines() {
+        let m = message(line);
+        if let Some(rest) = m.strip_prefix("task:") {
+            if let Some((pid, p)) = current.take() {
+                tasks.insert(pid, p);
+            }
+            let (comm, after) = rest.split_once(" state:").expect("state after comm");
+            let state = after.chars().next().unwrap();
+            let pid = after
+                .split_once(" pid:")
+                .map(|(_, r)| r.split_whitespace().next().unwrap().parse().unwrap())
+                .expect("pid in task line");
+            current = Some((
+                pid,
+                Printed {
+                    comm: comm.trim_end().to_string(),
+                    state,
+                    frames: Vec::new(),
+                },
+            ));
+            in_trace = false;
+            continue;
+        }
+        let t = m.trim();
+        if t == "<TASK>" {
+            in_trace = true;
+        } else if t == "</TASK>" {
+            in_trace = false;
+        } else if in_trace && !t.starts_with("? ") && t.contains("+0x") {
+            if let Some((_, p)) = current.as_mut() {
+                p.frames.push(t.to_string());
+            }
+        }
+    }
+    if let Some((pid, p)) = current.take() {
+        tasks.insert(pid, p);
+    }
+    tasks
+}
+
+fn host_tasks(socket: &std::path::Path) -> Vec<Value> {
+    let (status, body) = api(socket, "GET", "/tasks?stacks=true", "");
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    v["tasks"].as_array().unwrap().clone()
+}
+
+fn frames(t: &Value) -> Vec<String> {
+    t["trace"]["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["symbol"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn tasks_and_stacks_match_the_kernels_own_sysrq_t() {
+    let snap = kernel_guest_snapshot();
+    let disk = private_disk("tasks");
+    let mut guest = Guest::start(&[
+        "run",
+        "--restore",
+        snap.to_str().unwrap(),
+        "--disk",
+        disk.to_str().unwrap(),
+    ]);
+    wait_for_socket(&guest.api_socket, Duration::from_secs(60));
+    let s = guest.api_socket.clone();
+
+    let before = host_tasks(&s);
+    guest.sysrq('t');
+    // show_state() is followed by show_all_workqueues(): its header ends the task dump.
+    let printed = guest.wait_for("Showing busy workqueues", T);
+    let after = host_tasks(&s);
+    let kernel = parse_sysrq_t(&printed);
+    assert!(kernel.len() > 20, "too few tasks printed: {printed}");
+
+    let ids = |list: &[Value]| -> BTreeSet<(i64, String)> {
+        list.iter()
+            .filter(|t| t["pid"].as_i64() != Some(0))
+            .map(|t| {
+                (
+                    t["pid"].as_i64().unwrap(),
+                    t["comm"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let (b, a) = (ids(&before), ids(&after));
+    let printed_ids: BTreeSet<(i64, String)> =
+        kernel.iter().map(|(p, t)| (*p, t.comm.clone())).collect();
+    // Every task that existed before and after the dump was printed by the kernel, and
+    // every task the kernel printed was seen by the host at one of the two walks.
+    let both: BTreeSet<_> = b.intersection(&a).cloned().collect();
+    assert!(
+        both.is_subset(&printed_ids),
+        "host saw tasks the kernel did not print: {:?}",
+        both.difference(&printed_ids).collect::<Vec<_>>()
+    );
+    let either: BTreeSet<_> = b.union(&a).cloned().collect();
+    assert!(
+        printed_ids.is_subset(&either),
+        "kernel printed tasks the host did not see: {:?}",
+        printed_ids.difference(&either).collect::<Vec<_>>()
+    );
+    // Idle tasks: one per CPU, none on the process list.
+    let idle: Vec<&Value> = after.iter().filter(|t| t["idle"] == true).collect();
+    assert_eq!(idle.len(), 2, "{idle:?}");
+
+    // Sleeping tasks whose host trace did not change across the dump must have exactly
+    // the frames the kernel's unwinder printed, and be reliable.
+    let mut compared = 0;
+    for t in &after {
+        let pid = t["pid"].as_i64().unwrap();
+        let Some(k) = kernel.get(&pid) else { continue };
+        if !matches!(k.state, 'S' | 'I' | 'D') || !t["current_on"].is_null() {
+            continue;
+        }
+        let same_before = before
+            .iter()
+            .find(|x| x["pid"] == t["pid"])
+            .is_some_and(|x| frames(x) == frames(t));
+        if !same_before {
+            continue;
+        }
+        assert_eq!(t["trace"]["reliable"], true, "pid {pid}: {t}");
+        assert_eq!(frames(t), k.frames, "pid {pid} ({})", k.comm);
+        compared += 1;
+    }
+    assert!(
+        compared >= 20,
+        "only {compared} stable sleeping tasks compared"
+    );
+
+    // The live context of each vCPU unwinds reliably: pid 1 spins in user mode; an idle
+    // CPU sits in the idle loop.
+    for cpu in 0..2 {
+        let out = vmm_ok(&[
+            "stack",
+            "--cpu",
+            &cpu.to_string(),
+            "--api-socket",
+            s.to_str().unwrap(),
+        ]);
+        assert!(out.trim_end().ends_with("reliable"), "cpu {cpu}: {out}");
+        assert!(
+            out.contains("(user mode)") || out.contains("do_idle"),
+            "cpu {cpu}: {out}"
+        );
+    }
+    let _ = std::fs::remove_file(disk);
+}
+
+#[test]
+fn ps_and_stack_read_a_snapshot_offline() {
+    let snap = kernel_guest_snapshot();
+    let s = snap.to_str().unwrap();
+    let ps = vmm_ok(&["ps", "--snapshot", s, "--json"]);
+    let v: Value = serde_json::from_str(&ps).unwrap();
+    let tasks = v["tasks"].as_array().unwrap();
+    let find = |pid: i64| tasks.iter().find(|t| t["pid"].as_i64() == Some(pid));
+    assert_eq!(find(1).unwrap()["comm"], "spin-init");
+    assert_eq!(find(2).unwrap()["comm"], "kthreadd");
+    assert_eq!(find(2).unwrap()["kthread"], true);
+    let swappers: Vec<&str> = tasks
+        .iter()
+        .filter(|t| t["pid"] == 0)
+        .map(|t| t["comm"].as_str().unwrap())
+        .collect();
+    assert_eq!(swappers, ["swapper/0", "swapper/1"]);
+    // Kernel threads are single-threaded processes.
+    assert!(tasks
+        .iter()
+        .filter(|t| t["kthread"] == true)
+        .all(|t| t["pid"] == t["tgid"]));
+
+    // kthreadd sleeps in kthreadd(), below schedule().
+    let st = vmm_ok(&["stack", "2", "--snapshot", s]);
+    let lines: Vec<&str> = st.lines().collect();
+    assert!(lines[0].starts_with("[<0>] __schedule+0x"), "{st}");
+    assert!(st.contains("[<0>] kthreadd+0x"), "{st}");
+    assert!(st.contains("[<0>] ret_from_fork+0x"), "{st}");
+    assert_eq!(lines.last(), Some(&"reliable"), "{st}");
+
+    // pid 0 is ambiguous without a CPU.
+    let (status, _, err) = run_vmm(&["stack", "0", "--snapshot", s], T);
+    assert!(!status.success());
+    assert!(err.contains("--cpu"), "{err}");
+    let (status, _, err) = run_vmm(&["stack", "999999", "--snapshot", s], T);
+    assert!(!status.success());
+    assert!(err.contains("no task with pid 999999"), "{err}");
+}
