@@ -57,6 +57,10 @@ fn patch_a_sysrq_handler_and_revert_it() {
     let s = guest.api_socket.clone();
     guest.sysrq('m');
     guest.wait_for("Mem-Info", T);
+    // The kernel runs a SysRq handler in the UART's interrupt handler: a second break sent
+    // while the first one's report is still printing is lost, so let it finish.
+    guest.wait_for("pages reserved", T);
+    std::thread::sleep(Duration::from_secs(3));
 
     // No task is inside the SysRq handler: the stack check clears the transition.
     let started = std::time::Instant::now();
@@ -86,6 +90,7 @@ fn patch_a_sysrq_handler_and_revert_it() {
     );
     guest.sysrq('m');
     guest.wait_for("this has been live patched (sysrq m)", T);
+    std::thread::sleep(Duration::from_secs(2));
     let list = json(&api(&s, "GET", "/patches", "").1);
     assert_eq!(list["bundles"][0]["status"], "enabled");
     assert_eq!(list["bundles"][0]["forced"], false);

@@ -116,7 +116,10 @@ enum PatchAction {
     Disable {
         #[command(flatten)]
         target: ApiTarget,
-        name: String,
+        /// The bundle's name (from its manifest).
+        #[arg(value_name = "BUNDLE_NAME")]
+        bundle_name: String,
+        /// Skip the consistency check (recorded as forced).
         #[arg(long)]
         force: bool,
     },
@@ -345,10 +348,10 @@ fn patch(args: PatchArgs) -> Result<i32, String> {
         Some(PatchAction::Events { target }) => api_call(&target, "GET", "/patches/events", None),
         Some(PatchAction::Disable {
             target,
-            name,
+            bundle_name,
             force,
         }) => {
-            let body = serde_json::json!({"name": name, "force": force}).to_string();
+            let body = serde_json::json!({"name": bundle_name, "force": force}).to_string();
             api_call(&target, "PUT", "/patches/disable", Some(body))
         }
         None => {
@@ -504,5 +507,17 @@ fn main() -> ExitCode {
             eprintln!("error: {msg}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap checks every subcommand's arguments here (unique names, valid defaults), so a
+    /// clash like a positional `name` beside `--name` fails the build's tests, not a user.
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }
