@@ -203,7 +203,20 @@ fn check_against_guest(tag: &str, cpu: &str, append: &str, levels: u8) {
         .filter(|(pid, _)| *pid != sleep_pid)
         .collect();
     assert!(guest_tasks.len() > 20, "{tag}: {listed}");
-    assert_eq!(host_tasks, guest_tasks, "{tag}: task lists");
+    // The same tids; and each comm is the kernel's 15-character `task->comm`, which
+    // /proc/PID/comm extends for kernel threads (full kthread names, a kworker's current
+    // work queue after '-').
+    let pids = |set: &BTreeSet<(i64, String)>| set.iter().map(|(p, _)| *p).collect::<Vec<_>>();
+    assert_eq!(pids(&host_tasks), pids(&guest_tasks), "{tag}: task lists");
+    for ((pid, host), (_, guest)) in host_tasks.iter().zip(&guest_tasks) {
+        assert!(
+            guest.starts_with(host.as_str())
+                && (host.len() == 15
+                    || guest.len() == host.len()
+                    || guest[host.len()..].starts_with('-')),
+            "{tag}: pid {pid}: host comm {host:?}, guest {guest:?}"
+        );
+    }
 
     // Stack: the guest's /proc/PID/stack (which hides the scheduler's own __sched frames)
     // is the tail of the host's reliable ORC trace of the same task.
