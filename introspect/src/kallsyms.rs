@@ -185,13 +185,17 @@ impl SymbolTable {
             .filter(|&i| !symbols[i].kind.eq_ignore_ascii_case(&'a'))
             .collect();
         by_addr.sort_by_key(|&i| (symbols[i].addr, i));
-        for w in 0..by_addr.len() {
-            let a = symbols[by_addr[w]].addr;
-            let next = by_addr[w + 1..]
-                .iter()
-                .map(|&j| symbols[j].addr)
-                .find(|&b| b > a);
-            symbols[by_addr[w]].size = next.map_or(0, |b| b - a);
+        // Size: distance to the next higher address (one pass from the end, so a run of
+        // symbols at one address costs no more than any other).
+        let mut next_higher: Option<u64> = None;
+        let mut run_addr: Option<u64> = None;
+        for &i in by_addr.iter().rev() {
+            let a = symbols[i].addr;
+            if run_addr != Some(a) {
+                next_higher = run_addr;
+                run_addr = Some(a);
+            }
+            symbols[i].size = next_higher.map_or(0, |b| b - a);
         }
         SymbolTable {
             symbols,
@@ -351,6 +355,28 @@ mod tests {
         let (s, off) = table.symbolize(base + 0x123).unwrap();
         assert_eq!((s.name.as_str(), off), ("a_sys_call", 0x23));
         assert!(table.symbolize(base - 1).is_none());
+    }
+
+    #[test]
+    fn sizes_skip_symbols_at_the_same_address() {
+        let sym = |addr: u64, name: &str| Symbol {
+            addr,
+            kind: 't',
+            name: name.into(),
+            size: 0,
+            sympos: 0,
+        };
+        let t = SymbolTable::new(vec![
+            sym(0x30, "last"),
+            sym(0x10, "alias_a"),
+            sym(0x10, "alias_b"),
+            sym(0x20, "mid"),
+        ]);
+        let size = |n: &str| t.lookup(n, None).unwrap().size;
+        assert_eq!(
+            [size("alias_a"), size("alias_b"), size("mid"), size("last")],
+            [0x10, 0x10, 0x10, 0]
+        );
     }
 
     #[test]

@@ -48,6 +48,9 @@ fn benches(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("introspect");
     g.sample_size(20);
+    g.bench_function("find_vmcoreinfo", |b| {
+        b.iter(|| introspect::vmcoreinfo::find(&mem).unwrap())
+    });
     g.bench_function("discover_kernel_and_kallsyms", |b| {
         b.iter(|| Kernel::discover(&mem).unwrap())
     });
