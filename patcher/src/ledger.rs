@@ -43,7 +43,7 @@ pub struct ResolvedFunction {
 }
 
 /// Lifecycle of an applied bundle, as `/sys/kernel/livepatch` would show it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BundleStatus {
     Enabled,
@@ -52,7 +52,7 @@ pub enum BundleStatus {
 }
 
 /// A bundle in the ledger.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BundleRecord {
     pub name: String,
     pub version: u32,
@@ -67,7 +67,7 @@ pub struct BundleRecord {
 }
 
 /// One function of a bundle.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FunctionRecord {
     pub old: String,
     pub sympos: u32,
@@ -78,7 +78,7 @@ pub struct FunctionRecord {
 }
 
 /// An entry of the event log.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Event {
     pub seq: u64,
     pub bundle: String,
@@ -106,7 +106,7 @@ pub enum TransitionKind {
 }
 
 /// Per-site state: the original bytes and the stack of (bundle, new function).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Site {
     func: String,
     size: u64,
@@ -114,8 +114,9 @@ struct Site {
     stack: Vec<(String, u64, u64)>,
 }
 
-/// The ledger of one VM.
-#[derive(Debug, Default)]
+/// The ledger of one VM. It is saved in snapshots, so a restored VM knows exactly what
+/// its guest kernel has applied.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Ledger {
     bundles: Vec<BundleRecord>,
     sites: BTreeMap<u64, Site>,

@@ -169,3 +169,54 @@ fn a_patch_of_a_function_a_task_sleeps_in_is_refused_and_changes_nothing() {
     );
     assert_eq!(text(&s), before, "kthreadd's text changed");
 }
+
+#[test]
+fn a_snapshot_of_a_patched_guest_restores_its_patches() {
+    let bundle = build_bundle("sysrq-showmem", "livepatch_sysrq.c");
+    let guest = restored("persist");
+    let s = guest.api_socket.clone();
+    let (status, body) = api(
+        &s,
+        "PUT",
+        "/patches",
+        &format!(r#"{{"bundle":"{bundle}"}}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let before = json(&api(&s, "GET", "/patches", "").1);
+    let dir = std::env::temp_dir().join(format!("vmm-patched-snap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (status, body) = api(
+        &s,
+        "PUT",
+        "/snapshot",
+        &format!(r#"{{"dir":"{}","stop":true}}"#, dir.display()),
+    );
+    assert_eq!(status, 200, "{body}");
+    drop(guest);
+
+    // The restored VM knows what its kernel runs: the same ledger, the patch refused as
+    // already applied, and the replacement still answering SysRq 'm'.
+    // (The snapshot names the first guest's private disk, which is still there.)
+    let mut again = Guest::start(&["run", "--restore", dir.to_str().unwrap()]);
+    wait_for_socket(&again.api_socket, Duration::from_secs(60));
+    let s2 = again.api_socket.clone();
+    assert_eq!(json(&api(&s2, "GET", "/patches", "").1), before);
+    let (status, body) = api(
+        &s2,
+        "PUT",
+        "/patches",
+        &format!(r#"{{"bundle":"{bundle}"}}"#),
+    );
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("already applied"), "{body}");
+    again.sysrq('m');
+    again.wait_for("this has been live patched (sysrq m)", T);
+    let (status, body) = api(
+        &s2,
+        "PUT",
+        "/patches/disable",
+        r#"{"name":"sysrq-showmem-demo"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -76,6 +76,19 @@ pub struct VmSnapshot {
     pub vcpus: Vec<VcpuState>,
     pub serial: SerialSnapshot,
     pub block: Option<MmioSnapshot>,
+    /// What the live patcher has done to this guest (absent if it never ran).
+    #[serde(default)]
+    pub live_patch: Option<LivePatchState>,
+}
+
+/// The live patcher's host-side state: where its area is mapped in the guest, where the
+/// next bundle goes, and the ledger (bundles, per-site stacks and original bytes, events).
+/// A restored VM gets it back, so it knows exactly what its guest kernel runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LivePatchState {
+    pub area_slot_va: u64,
+    pub next: u64,
+    pub ledger: patcher::ledger::Ledger,
 }
 
 impl std::fmt::Debug for VmState {

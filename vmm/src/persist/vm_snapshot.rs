@@ -12,8 +12,8 @@ use crate::vstate::vcpu::{self, Vcpu};
 use crate::vstate::vm::{self, Vm};
 
 use super::snapshot::{
-    check_cpu_template, check_disk, disk_identity, SnapshotError, VmSnapshot, MEMORY_FILE,
-    STATE_FILE,
+    check_cpu_template, check_disk, disk_identity, LivePatchState, SnapshotError, VmSnapshot,
+    MEMORY_FILE, STATE_FILE,
 };
 use super::{memory_file, state_file, vcpu_state, vm_state};
 
@@ -78,6 +78,11 @@ impl RunningVm {
                 .block
                 .as_ref()
                 .map(|b| b.lock().unwrap_or_else(|e| e.into_inner()).save_state()),
+            live_patch: self.patch_area.map(|a| LivePatchState {
+                area_slot_va: a.slot_va,
+                next: self.patch_next.unwrap_or(a.usable().0),
+                ledger: self.ledger.clone(),
+            }),
         };
         let memory_path = dir.join(MEMORY_FILE);
         memory_file::write(self.vm.memory(), &memory_path)?;
@@ -210,6 +215,13 @@ pub fn restore_and_start_with(
         msr_indices,
     )?;
     running.snapshot_trigger = snapshot_trigger.cloned();
+    if let Some(lp) = snap.live_patch {
+        running.patch_area = Some(crate::patching::area::PatchArea {
+            slot_va: lp.area_slot_va,
+        });
+        running.patch_next = Some(lp.next);
+        running.ledger = lp.ledger;
+    }
     Ok(running)
 }
 
@@ -280,6 +292,7 @@ mod tests {
             vcpus: vec![vcpu_state::save(&fd, 0, &msrs).unwrap()],
             serial: serial.save_state(),
             block: None,
+            live_patch: None,
         };
         std::fs::create_dir_all(dir).unwrap();
         memory_file::write(vm.memory(), &dir.join(MEMORY_FILE)).unwrap();
