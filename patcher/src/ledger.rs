@@ -17,7 +17,16 @@ pub enum LedgerError {
     AlreadyApplied(String),
     #[error("bundle {0} is not applied")]
     NotApplied(String),
-    #[error("bundle {bundle} is not compatible with the applied bundles: state {id} {why}")]
+    #[error(
+        "bundle {bundle} is not on top of the stack for {func}: disable {top} first \
+         (a bundle below another that patches the same function cannot go first)"
+    )]
+    NotOnTop {
+        bundle: String,
+        func: String,
+        top: String,
+    },
+    #[error("bundle {bundle} is not compatible with the already installed livepatches: state {id} {why}")]
     IncompatibleState {
         bundle: String,
         id: u64,
@@ -352,9 +361,19 @@ impl Ledger {
                 f.new_addr + f.new_size,
                 format!("{} ({name})", f.old),
             ));
-            let top = site.stack.last().map(|(owner, ..)| owner.as_str());
-            if top != Some(name) {
-                continue; // a later bundle owns the site; only the stack entry goes
+            // The kernel's stacking rule: the most recent bundle for a function runs it, and
+            // a bundle can only be taken off a function it is the top of (one that shares no
+            // function with later bundles may go in any order).
+            match site.stack.last() {
+                Some((owner, ..)) if owner == name => {}
+                Some((owner, ..)) => {
+                    return Err(LedgerError::NotOnTop {
+                        bundle: name.to_string(),
+                        func: f.old.clone(),
+                        top: owner.clone(),
+                    })
+                }
+                None => continue,
             }
             let below = site.stack.iter().rev().nth(1);
             let now = current(f.site);
@@ -531,14 +550,25 @@ mod tests {
         text.apply(&t2);
         l.commit_apply(&m2, "d2", &f2, &t2, false);
         assert_eq!(l.active_target(CMDLINE), Some(("two", f2[0].new_addr)));
-        // Disabling the first (not on top) changes no bytes.
-        let t = l.plan_disable("one", |s| text.get(s)).unwrap();
-        assert!(t.writes.is_empty());
-        l.commit_disable("one", false);
-        // Disabling the second reverts both of its sites to the original code.
+        // The first is below the second for cmdline_proc_show: it cannot go first.
+        assert_eq!(
+            l.plan_disable("one", |s| text.get(s)).unwrap_err(),
+            LedgerError::NotOnTop {
+                bundle: "one".into(),
+                func: "cmdline_proc_show".into(),
+                top: "two".into(),
+            }
+        );
+        // Disabling the second hands cmdline_proc_show back to the first and reverts
+        // meminfo_proc_show; then the first goes too.
         let t = l.plan_disable("two", |s| text.get(s)).unwrap();
         text.apply(&t);
         l.commit_disable("two", false);
+        assert_eq!(l.active_target(CMDLINE), Some(("one", f1[0].new_addr)));
+        assert_eq!(text.get(MEMINFO), NOP5);
+        let t = l.plan_disable("one", |s| text.get(s)).unwrap();
+        text.apply(&t);
+        l.commit_disable("one", false);
         assert_eq!((text.get(CMDLINE), text.get(MEMINFO)), (NOP5, NOP5));
     }
 
