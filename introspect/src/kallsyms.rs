@@ -3,6 +3,7 @@
 //! Every count and length comes from the guest and is bounded before use.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 
 use crate::memory::{read_u32, read_u64, GuestPhysMemory, MemError};
 
@@ -77,10 +78,18 @@ pub enum LookupError {
 #[derive(Debug, Clone)]
 pub struct SymbolTable {
     symbols: Vec<Symbol>,
-    by_name: HashMap<String, Vec<usize>>,
+    /// Name hash (SipHash with a random key, so a hostile guest cannot make names
+    /// collide) → first symbol with that hash; `same_hash` chains the rest in kallsyms
+    /// order. No second copy of any name is kept.
+    hasher: RandomState,
+    by_name: HashMap<u64, u32>,
+    same_hash: Vec<u32>,
     /// Indices of non-per-cpu symbols sorted by address.
-    by_addr: Vec<usize>,
+    by_addr: Vec<u32>,
 }
+
+/// End of a `same_hash` chain.
+const NO_NEXT: u32 = u32::MAX;
 
 fn corrupt(msg: impl Into<String>) -> KallsymsError {
     KallsymsError::Corrupt(msg.into())
@@ -175,21 +184,53 @@ pub fn decode(
 impl SymbolTable {
     /// Builds the indexes; computes sizes and sympos.
     pub fn new(mut symbols: Vec<Symbol>) -> Self {
-        let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
-        for (i, s) in symbols.iter_mut().enumerate() {
-            let list = by_name.entry(s.name.clone()).or_default();
-            list.push(i);
-            s.sympos = list.len() as u32;
+        // Indices are u32: decode() caps the count far below that.
+        symbols.truncate(u32::MAX as usize - 1);
+        let hasher = RandomState::new();
+        let mut by_name: HashMap<u64, u32> = HashMap::with_capacity(symbols.len());
+        // hash → (last index with it, sympos of that one)
+        let mut last: HashMap<u64, (u32, u32)> = HashMap::with_capacity(symbols.len());
+        let mut same_hash = vec![NO_NEXT; symbols.len()];
+        for i in 0..symbols.len() {
+            let h = hasher.hash_one(symbols[i].name.as_str());
+            let idx = i as u32;
+            let pos = match last.get(&h).copied() {
+                None => {
+                    by_name.insert(h, idx);
+                    1
+                }
+                Some((prev, prev_pos)) => {
+                    same_hash[prev as usize] = idx;
+                    if symbols[prev as usize].name == symbols[i].name {
+                        prev_pos + 1
+                    } else {
+                        // Two names with one hash (a 2^-64 event): count this name's
+                        // earlier symbols along the chain.
+                        let mut n = 1;
+                        let mut j = by_name[&h];
+                        while j != idx {
+                            if symbols[j as usize].name == symbols[i].name {
+                                n += 1;
+                            }
+                            j = same_hash[j as usize];
+                        }
+                        n
+                    }
+                }
+            };
+            last.insert(h, (idx, pos));
+            symbols[i].sympos = pos;
         }
-        let mut by_addr: Vec<usize> = (0..symbols.len())
-            .filter(|&i| !symbols[i].kind.eq_ignore_ascii_case(&'a'))
+        let mut by_addr: Vec<u32> = (0..symbols.len() as u32)
+            .filter(|&i| !symbols[i as usize].kind.eq_ignore_ascii_case(&'a'))
             .collect();
-        by_addr.sort_by_key(|&i| (symbols[i].addr, i));
+        by_addr.sort_by_key(|&i| (symbols[i as usize].addr, i));
         // Size: distance to the next higher address (one pass from the end, so a run of
         // symbols at one address costs no more than any other).
         let mut next_higher: Option<u64> = None;
         let mut run_addr: Option<u64> = None;
         for &i in by_addr.iter().rev() {
+            let i = i as usize;
             let a = symbols[i].addr;
             if run_addr != Some(a) {
                 next_higher = run_addr;
@@ -199,7 +240,9 @@ impl SymbolTable {
         }
         SymbolTable {
             symbols,
+            hasher,
             by_name,
+            same_hash,
             by_addr,
         }
     }
@@ -219,24 +262,32 @@ impl SymbolTable {
 
     /// A symbol by name; `sympos` is required when the name is not unique.
     pub fn lookup(&self, name: &str, sympos: Option<u32>) -> Result<&Symbol, LookupError> {
-        let list = self
-            .by_name
-            .get(name)
-            .ok_or_else(|| LookupError::NotFound(name.to_string()))?;
-        match (sympos, list.len()) {
-            (None, 1) => Ok(&self.symbols[list[0]]),
-            (None, count) => Err(LookupError::Ambiguous {
+        let h = self.hasher.hash_one(name);
+        let mut next = self.by_name.get(&h).copied().unwrap_or(NO_NEXT);
+        let (mut count, mut found) = (0usize, None);
+        while next != NO_NEXT {
+            let s = &self.symbols[next as usize];
+            if s.name == name {
+                count += 1;
+                if sympos.is_some_and(|p| p == s.sympos) || (sympos.is_none() && count == 1) {
+                    found = Some(s);
+                }
+            }
+            next = self.same_hash[next as usize];
+        }
+        match (sympos, count, found) {
+            (_, 0, _) => Err(LookupError::NotFound(name.to_string())),
+            (None, 1, Some(s)) => Ok(s),
+            (None, count, _) => Err(LookupError::Ambiguous {
                 name: name.to_string(),
                 count,
             }),
-            (Some(pos), count) => list
-                .get((pos as usize).wrapping_sub(1))
-                .map(|&i| &self.symbols[i])
-                .ok_or(LookupError::NoSuchPos {
-                    name: name.to_string(),
-                    pos,
-                    count,
-                }),
+            (Some(_), _, Some(s)) => Ok(s),
+            (Some(pos), count, None) => Err(LookupError::NoSuchPos {
+                name: name.to_string(),
+                pos,
+                count,
+            }),
         }
     }
 
@@ -244,8 +295,8 @@ impl SymbolTable {
     pub fn symbolize(&self, addr: u64) -> Option<(&Symbol, u64)> {
         let i = self
             .by_addr
-            .partition_point(|&j| self.symbols[j].addr <= addr);
-        let s = &self.symbols[*self.by_addr.get(i.checked_sub(1)?)?];
+            .partition_point(|&j| self.symbols[j as usize].addr <= addr);
+        let s = &self.symbols[*self.by_addr.get(i.checked_sub(1)?)? as usize];
         Some((s, addr - s.addr))
     }
 }
