@@ -72,11 +72,11 @@ impl RunningVm {
         let mut ledger = std::mem::take(&mut self.ledger);
         let next = self.patch_next.expect("area mapped");
         let result = {
-            let mut target = LiveTarget {
-                vm: self,
-                guest: self.kernel.as_ref().expect("kernel found"),
-                area: self.patch_area.expect("area mapped"),
-            };
+            let mut target = LiveTarget::new(
+                self,
+                self.kernel.as_ref().expect("kernel found"),
+                self.patch_area.expect("area mapped"),
+            );
             transition::apply(
                 &mut target,
                 &mut ledger,
@@ -110,11 +110,11 @@ impl RunningVm {
         };
         let mut ledger = std::mem::take(&mut self.ledger);
         let result = {
-            let mut target = LiveTarget {
-                vm: self,
-                guest: self.kernel.as_ref().expect("kernel found"),
-                area: self.patch_area.expect("area mapped"),
-            };
+            let mut target = LiveTarget::new(
+                self,
+                self.kernel.as_ref().expect("kernel found"),
+                self.patch_area.expect("area mapped"),
+            );
             transition::disable(&mut target, &mut ledger, name, &opts, &|| false)
         };
         self.ledger = ledger;

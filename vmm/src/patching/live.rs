@@ -14,6 +14,7 @@ use super::area::{PatchArea, Perm};
 use crate::builder::RunningVm;
 use crate::introspection::{cpu_regs, LiveMemory};
 use crate::vstate::pause;
+use introspect::cpu::CpuRegs;
 
 /// Kernel-image window: the only virtual range this target reads or writes directly.
 const IMAGE_WINDOW: std::ops::Range<u64> = 0xffff_ffff_8000_0000..0xffff_ffff_c000_0000;
@@ -23,9 +24,39 @@ pub struct LiveTarget<'a> {
     pub vm: &'a RunningVm,
     pub guest: &'a GuestKernel,
     pub area: PatchArea,
+    /// The paused vCPUs' registers, read once per pause (RIPs and the running tasks'
+    /// unwind both need them).
+    regs: Option<Vec<CpuRegs>>,
 }
 
-impl LiveTarget<'_> {
+impl<'a> LiveTarget<'a> {
+    pub fn new(vm: &'a RunningVm, guest: &'a GuestKernel, area: PatchArea) -> Self {
+        LiveTarget {
+            vm,
+            guest,
+            area,
+            regs: None,
+        }
+    }
+
+    /// Registers of every vCPU (call while paused).
+    fn paused_regs(&mut self) -> Result<&[CpuRegs], String> {
+        if self.regs.is_none() {
+            let regs = self
+                .vm
+                .vcpus
+                .iter()
+                .map(|v| {
+                    pause::save_one(v, &self.vm.msr_indices)
+                        .map(|s| cpu_regs(&s))
+                        .map_err(|e| e.to_string())
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            self.regs = Some(regs);
+        }
+        Ok(self.regs.as_deref().unwrap_or_default())
+    }
+
     fn image_pa(&self, va: u64, len: usize) -> Result<u64, String> {
         let end = va.checked_add(len as u64).ok_or("address overflow")?;
         if !IMAGE_WINDOW.contains(&va) || end > IMAGE_WINDOW.end {
@@ -103,37 +134,22 @@ impl PatchTarget for LiveTarget<'_> {
     }
 
     fn pause(&mut self) -> Result<(), String> {
+        self.regs = None;
         pause::pause_all(&self.vm.vcpus).map_err(|e| e.to_string())
     }
 
     fn resume(&mut self) -> Result<(), String> {
+        self.regs = None;
         pause::resume_all(&self.vm.vcpus).map_err(|e| e.to_string())
     }
 
     fn vcpu_rips(&mut self) -> Result<Vec<u64>, String> {
-        self.vm
-            .vcpus
-            .iter()
-            .map(|v| {
-                pause::save_one(v, &self.vm.msr_indices)
-                    .map(|s| s.regs.rip)
-                    .map_err(|e| e.to_string())
-            })
-            .collect()
+        Ok(self.paused_regs()?.iter().map(|r| r.rip).collect())
     }
 
     fn task_stacks(&mut self) -> Result<Vec<TaskStack>, String> {
         // Called inside the transition's pause: the vCPUs are stopped.
-        let regs = self
-            .vm
-            .vcpus
-            .iter()
-            .map(|v| {
-                pause::save_one(v, &self.vm.msr_indices)
-                    .map(|s| cpu_regs(&s))
-                    .map_err(|e| e.to_string())
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let regs = self.paused_regs()?.to_vec();
         let traces = self
             .guest
             .task_traces(&LiveMemory(self.vm.vm.memory()), &regs)
