@@ -204,6 +204,7 @@ mod tests {
             manifest: Manifest {
                 name: "demo".into(),
                 version: 1,
+                sticky: false,
                 target: Target {
                     release: "6.1.0-53-cloud-amd64".into(),
                     build_id: Some("abcd".into()),

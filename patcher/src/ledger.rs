@@ -32,6 +32,18 @@ pub enum LedgerError {
         id: u64,
         why: &'static str,
     },
+    #[error(
+        "bundle {bundle} version {version} is not newer than the applied {newest} version \
+         {newest_version}; allow a downgrade explicitly to apply it"
+    )]
+    Downgrade {
+        bundle: String,
+        version: u32,
+        newest: String,
+        newest_version: u32,
+    },
+    #[error("bundle {0} is sticky: it cannot be disabled, only superseded by a cumulative bundle")]
+    Sticky(String),
     #[error("{0}")]
     Site(#[from] RedirectError),
     #[error("bundle {bundle} replaces {func} twice")]
@@ -71,6 +83,8 @@ pub struct BundleRecord {
     pub functions: Vec<FunctionRecord>,
     pub status: BundleStatus,
     pub forced: bool,
+    #[serde(default)]
+    pub sticky: bool,
     /// Position in the stack of enabled bundles when applied (1-based).
     pub stack_order: usize,
 }
@@ -162,6 +176,37 @@ impl Ledger {
             bundle: bundle.to_string(),
             what: what.into(),
         });
+    }
+
+    /// Patch versions (docs/semantics.md): a cumulative bundle supersedes everything
+    /// applied, so it must be newer than every enabled bundle unless `allow_downgrade`.
+    /// Returns the downgrade it allowed, for the event log.
+    pub fn check_version(
+        &self,
+        m: &Manifest,
+        allow_downgrade: bool,
+    ) -> Result<Option<String>, LedgerError> {
+        if !m.replace {
+            return Ok(None);
+        }
+        let Some(newest) = self.enabled().max_by_key(|b| b.version) else {
+            return Ok(None);
+        };
+        if m.version > newest.version {
+            return Ok(None);
+        }
+        if !allow_downgrade {
+            return Err(LedgerError::Downgrade {
+                bundle: m.name.clone(),
+                version: m.version,
+                newest: newest.name.clone(),
+                newest_version: newest.version,
+            });
+        }
+        Ok(Some(format!(
+            "downgrade allowed: version {} after {} version {}",
+            m.version, newest.name, newest.version
+        )))
     }
 
     /// The kernel's `klp_is_patch_compatible` over the enabled bundles.
@@ -308,6 +353,7 @@ impl Ledger {
         self.bundles.push(BundleRecord {
             name: manifest.name.clone(),
             version: manifest.version,
+            sticky: manifest.sticky,
             replace: manifest.replace,
             digest: digest.to_string(),
             states: manifest.states.iter().map(|s| (s.id, s.version)).collect(),
@@ -350,6 +396,9 @@ impl Ledger {
             .enabled()
             .find(|b| b.name == name)
             .ok_or_else(|| LedgerError::NotApplied(name.to_string()))?;
+        if bundle.sticky {
+            return Err(LedgerError::Sticky(name.to_string()));
+        }
         let mut writes = Vec::new();
         let mut busy = Vec::new();
         for f in &bundle.functions {
@@ -439,6 +488,7 @@ mod tests {
         Manifest {
             name: name.into(),
             version: 1,
+            sticky: false,
             target: Target {
                 release: "r".into(),
                 build_id: None,
@@ -656,6 +706,80 @@ mod tests {
         let t = l.plan_disable("v2", |s| text.get(s)).unwrap();
         text.apply(&t);
         l.commit_disable("v2", false);
+        assert_eq!(text.get(CMDLINE), NOP5);
+    }
+
+    #[test]
+    fn cumulative_versions_only_go_up_unless_a_downgrade_is_allowed() {
+        let (mut l, mut text) = (Ledger::new(), Text::new());
+        let f = |area| resolved(&[("cmdline_proc_show", CMDLINE)], area);
+        let cum = |v: u32| {
+            let mut m = manifest(&format!("cum-v{v}"), true, &["cmdline_proc_show"], &[]);
+            m.version = v;
+            m
+        };
+        for (v, area) in [(1, 0xffff_ffff_c000_0000), (2, 0xffff_ffff_c001_0000)] {
+            assert_eq!(l.check_version(&cum(v), false), Ok(None));
+            apply(&mut l, &mut text, &cum(v), &f(area));
+        }
+        // v3 after v2: an upgrade.
+        assert_eq!(l.check_version(&cum(3), false), Ok(None));
+        // v2 again, or v1: refused without the flag, naming what is applied.
+        for v in [1, 2] {
+            assert_eq!(
+                l.check_version(&cum(v), false),
+                Err(LedgerError::Downgrade {
+                    bundle: format!("cum-v{v}"),
+                    version: v,
+                    newest: "cum-v2".into(),
+                    newest_version: 2,
+                })
+            );
+        }
+        let allowed = l.check_version(&cum(1), true).unwrap().unwrap();
+        assert!(allowed.contains("downgrade allowed: version 1 after cum-v2 version 2"));
+        // Non-cumulative bundles stack by name; their versions are not ordered.
+        assert_eq!(
+            l.check_version(
+                &manifest("other", false, &["meminfo_proc_show"], &[]),
+                false
+            ),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn a_sticky_bundle_is_only_superseded() {
+        let (mut l, mut text) = (Ledger::new(), Text::new());
+        let mut sticky = manifest("sticky", true, &["cmdline_proc_show"], &[]);
+        sticky.sticky = true;
+        apply(
+            &mut l,
+            &mut text,
+            &sticky,
+            &resolved(&[("cmdline_proc_show", CMDLINE)], 0xffff_ffff_c000_0000),
+        );
+        assert_eq!(
+            l.plan_disable("sticky", |s| text.get(s)).unwrap_err(),
+            LedgerError::Sticky("sticky".into())
+        );
+        assert!(l.bundles()[0].sticky);
+        // A cumulative follow-up supersedes it and, not being sticky itself, can go.
+        let mut next = manifest("next", true, &["cmdline_proc_show"], &[]);
+        next.version = 2;
+        apply(
+            &mut l,
+            &mut text,
+            &next,
+            &resolved(&[("cmdline_proc_show", CMDLINE)], 0xffff_ffff_c001_0000),
+        );
+        assert!(matches!(
+            l.bundles()[0].status,
+            BundleStatus::Replaced { .. }
+        ));
+        let t = l.plan_disable("next", |s| text.get(s)).unwrap();
+        text.apply(&t);
+        l.commit_disable("next", false);
         assert_eq!(text.get(CMDLINE), NOP5);
     }
 

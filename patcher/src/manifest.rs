@@ -50,9 +50,13 @@ pub struct Target {
 pub struct Manifest {
     /// Patch name, unique among applied bundles (like a livepatch module name).
     pub name: String,
-    /// Patch version; a cumulative bundle may only replace one of a lower or equal version.
+    /// Patch version: a cumulative bundle must carry a higher version than every applied
+    /// bundle (unless the operator allows a downgrade); docs/semantics.md.
     #[serde(default = "one")]
     pub version: u32,
+    /// A sticky bundle cannot be disabled, only superseded by a cumulative bundle.
+    #[serde(default)]
+    pub sticky: bool,
     pub target: Target,
     /// Cumulative ("atomic replace") bundle: it replaces every bundle applied before it.
     #[serde(default)]

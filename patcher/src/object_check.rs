@@ -145,6 +145,7 @@ mod tests {
         Manifest {
             name: "t".into(),
             version: 1,
+            sticky: false,
             target: Target {
                 release: "6.1.0-53-cloud-amd64".into(),
                 build_id: None,

@@ -57,6 +57,8 @@ pub struct Options {
     pub deadline: Duration,
     /// Skip the consistency check (recorded as forced).
     pub force: bool,
+    /// Let a cumulative bundle replace a newer one (logged).
+    pub allow_downgrade: bool,
     /// First wait between attempts; doubles up to `max_backoff`.
     pub backoff: Duration,
     pub max_backoff: Duration,
@@ -67,6 +69,7 @@ impl Default for Options {
         Options {
             deadline: Duration::from_secs(15),
             force: false,
+            allow_downgrade: false,
             backoff: Duration::from_millis(10),
             max_backoff: Duration::from_secs(1),
         }
@@ -278,8 +281,14 @@ pub fn apply<T: PatchTarget>(
             new_size,
         });
     }
-    // A plan that cannot work (already applied, incompatible states, a site that is not
-    // ours) is refused before anything is loaded.
+    // A plan that cannot work (a downgrade, already applied, incompatible states, a site
+    // that is not ours) is refused before anything is loaded.
+    let downgrade = ledger
+        .check_version(m, opts.allow_downgrade)
+        .map_err(|e| reject(ledger, e.into()))?;
+    if let Some(what) = downgrade {
+        ledger.log(&m.name, what);
+    }
     ledger
         .plan_apply(m, &resolved, |s| {
             read_site(target, s).unwrap_or([0; SITE_LEN])
@@ -505,6 +514,7 @@ mod tests {
             manifest: Manifest {
                 name: name.into(),
                 version: 1,
+                sticky: false,
                 target: Target {
                     release: "6.1.0-53-cloud-amd64".into(),
                     build_id: Some("ABCD".into()),

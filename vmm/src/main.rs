@@ -97,6 +97,9 @@ struct PatchArgs {
     /// Apply as a cumulative bundle: the manifest must say "replace": true (issue #6).
     #[arg(long)]
     replace: bool,
+    /// Let a cumulative bundle replace a newer version (logged in the event log).
+    #[arg(long)]
+    allow_downgrade: bool,
     /// Skip the consistency check (recorded in the ledger as forced).
     #[arg(long)]
     force: bool,
@@ -378,6 +381,7 @@ fn patch(args: PatchArgs) -> Result<i32, String> {
                 "bundle": path,
                 "force": args.force,
                 "deadline_ms": (args.deadline * 1000.0) as u64,
+                "allow_downgrade": args.allow_downgrade,
             })
             .to_string();
             api_call(&args.target, "PUT", "/patches", Some(body))

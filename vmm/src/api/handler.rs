@@ -41,10 +41,12 @@ impl RunningVm {
                 bundle,
                 force,
                 deadline_ms,
+                allow_downgrade,
             } => match self.apply_bundle(
                 &bundle,
                 force,
                 std::time::Duration::from_millis(deadline_ms),
+                allow_downgrade,
             ) {
                 Ok(v) => (ApiResponse::ok(v), None),
                 Err(e @ crate::patching::apply::PatchError::Paused) => {

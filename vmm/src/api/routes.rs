@@ -17,11 +17,13 @@ pub enum ApiRequest {
     Snapshot { dir: String, stop: bool },
     /// `PUT /console/sysrq {"key": "h"}`
     Sysrq { key: char },
-    /// `PUT /patches {"bundle": "/abs/path", "force": false, "deadline_ms": 15000}`
+    /// `PUT /patches {"bundle": "/abs/path", "force": false, "deadline_ms": 15000,
+    /// "allow_downgrade": false}`
     ApplyPatch {
         bundle: String,
         force: bool,
         deadline_ms: u64,
+        allow_downgrade: bool,
     },
     /// `PUT /patches/disable {"name": "...", "force": false}`
     DisablePatch { name: String, force: bool },
@@ -91,6 +93,8 @@ struct PatchBody {
     force: bool,
     #[serde(default = "default_deadline")]
     deadline_ms: u64,
+    #[serde(default)]
+    allow_downgrade: bool,
 }
 
 fn default_deadline() -> u64 {
@@ -172,6 +176,7 @@ pub fn route(req: &Request) -> Result<ApiRequest, ApiResponse> {
                 bundle: b.bundle,
                 force: b.force,
                 deadline_ms: b.deadline_ms,
+                allow_downgrade: b.allow_downgrade,
             })
         }
         "/patches/disable" => {

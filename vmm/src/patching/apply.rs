@@ -50,6 +50,7 @@ impl RunningVm {
         path: &str,
         force: bool,
         deadline: Duration,
+        allow_downgrade: bool,
     ) -> Result<serde_json::Value, PatchError> {
         if self.is_paused() {
             return Err(PatchError::Paused);
@@ -67,6 +68,7 @@ impl RunningVm {
         let opts = Options {
             deadline,
             force,
+            allow_downgrade,
             ..Options::default()
         };
         let mut ledger = std::mem::take(&mut self.ledger);
