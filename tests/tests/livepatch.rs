@@ -93,6 +93,10 @@ fn patch_a_sysrq_handler_and_revert_it() {
     std::thread::sleep(Duration::from_secs(2));
     let list = json(&api(&s, "GET", "/patches", "").1);
     assert_eq!(list["bundles"][0]["status"], "enabled");
+    // The redirected entry is write-protected (a read-only memory slot + the text guard).
+    let guard = &json(&api(&s, "GET", "/vm", "").1)["text_guard"];
+    assert_eq!(guard["protected_sites"], 1, "{guard}");
+    assert!(guard["read_only_pages"].as_u64().unwrap() >= 1, "{guard}");
     assert_eq!(list["bundles"][0]["forced"], false);
     assert_eq!(
         list["bundles"][0]["functions"][0]["old"],
@@ -117,6 +121,9 @@ fn patch_a_sysrq_handler_and_revert_it() {
         r#"{"name":"sysrq-showmem-demo"}"#,
     );
     assert_eq!(status, 200, "{body}");
+    let guard = &json(&api(&s, "GET", "/vm", "").1)["text_guard"];
+    assert_eq!(guard["protected_sites"], 0, "{guard}");
+    assert_eq!(guard["read_only_pages"], 0, "{guard}");
     guest.sysrq('m');
     guest.wait_for("Mem-Info", T);
     let events = json(&api(&s, "GET", "/patches/events", "").1);
@@ -201,6 +208,8 @@ fn a_snapshot_of_a_patched_guest_restores_its_patches() {
     wait_for_socket(&again.api_socket, Duration::from_secs(60));
     let s2 = again.api_socket.clone();
     assert_eq!(json(&api(&s2, "GET", "/patches", "").1), before);
+    let guard = &json(&api(&s2, "GET", "/vm", "").1)["text_guard"];
+    assert_eq!(guard["protected_sites"], 1, "{guard}");
     let (status, body) = api(
         &s2,
         "PUT",

@@ -19,6 +19,7 @@ use crate::devices::acpi_power::AcpiPower;
 use crate::devices::bus::Bus;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{ConsoleOut, LineWatch, SerialDevice, SerialSnapshot};
+use crate::devices::text_guard::{GuardState, TextGuard};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::persist::MmioSnapshot;
 use crate::devices::virtio::{self, SubscriberManager};
@@ -155,6 +156,8 @@ pub struct RunningVm {
     /// Next free address in the patch area.
     pub(crate) patch_next: Option<u64>,
     pub(crate) ledger: patcher::ledger::Ledger,
+    /// Live-patched sites the guest may not write (read-only memory slots + the guard).
+    pub(crate) text_guard: Arc<Mutex<GuardState>>,
 }
 
 /// The devices of a VM, on their buses.
@@ -164,6 +167,7 @@ pub(crate) struct Devices {
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
     pub(crate) rx_ready: Arc<EventFd>,
     pub(crate) block: Option<Arc<Mutex<MmioTransport>>>,
+    pub(crate) text_guard: Arc<Mutex<GuardState>>,
 }
 
 /// Creates COM1, i8042, ACPI power and (with a disk) virtio-blk, fresh or from a snapshot.
@@ -229,12 +233,31 @@ pub(crate) fn create_devices(
         )?),
         None => None,
     };
+    // Writes to read-only RAM (live-patched text pages) exit as MMIO: the text guard
+    // answers them, over every RAM region.
+    let text_guard = Arc::new(Mutex::new(GuardState::default()));
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for region in vm.memory().iter() {
+        let base = region.start_addr().0;
+        mmio_bus
+            .insert(
+                Arc::new(Mutex::new(TextGuard::new(
+                    base,
+                    vm.memory().clone(),
+                    text_guard.clone(),
+                ))),
+                base,
+                region.len(),
+            )
+            .map_err(|e| BuildError::EventLoop(e.to_string()))?;
+    }
     Ok(Devices {
         io_bus,
         mmio_bus,
         serial,
         rx_ready,
         block,
+        text_guard,
     })
 }
 
@@ -249,6 +272,7 @@ pub(crate) fn start(
     stats: Arc<FallbackStats>,
     devices_serial: (Arc<Mutex<SerialDevice>>, Arc<EventFd>),
     block: Option<Arc<Mutex<MmioTransport>>>,
+    text_guard: Arc<Mutex<GuardState>>,
     machine: MachineConfig,
     msr_indices: Arc<Vec<u32>>,
 ) -> Result<RunningVm, BuildError> {
@@ -302,6 +326,7 @@ pub(crate) fn start(
         patch_area: None,
         patch_next: None,
         ledger: patcher::ledger::Ledger::new(),
+        text_guard,
     })
 }
 
@@ -520,6 +545,7 @@ pub fn build_and_start_with(
         stats,
         (devices.serial, devices.rx_ready),
         devices.block,
+        devices.text_guard,
         machine,
         msr_indices,
     )?;

@@ -177,11 +177,14 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> HostCheckErr
 
 /// Runs the user-mode `SYSCALL` probe: a few thousand guest instructions, well under a
 /// second even where guest kernel code is emulated.
-pub fn probe_user_syscall(kvm: &Kvm) -> Result<UserSyscall, HostCheckError> {
+/// A 2 MiB probe VM whose single vCPU is in 64-bit kernel mode at `KERNEL_CODE` (identity
+/// mapped, IDT reporting every exception on `PORT_FAULTED`). Also used by KVM tests that
+/// need a few guest instructions.
+pub(crate) fn kernel_mode_guest(kvm: &Kvm) -> Result<(Vm, kvm_ioctls::VcpuFd), HostCheckError> {
     let memory = allocate_memory(&ram_regions(2 << 20))?;
     let vm = Vm::new(kvm, memory)?;
     let gdt = write_guest(vm.memory())?;
-    let mut fd = vm.fd().create_vcpu(0).map_err(kvm_err("create vCPU"))?;
+    let fd = vm.fd().create_vcpu(0).map_err(kvm_err("create vCPU"))?;
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("supported CPUID"))?;
@@ -209,6 +212,15 @@ pub fn probe_user_syscall(kvm: &Kvm) -> Result<UserSyscall, HostCheckError> {
     };
     fd.set_regs(&regs).map_err(kvm_err("set regs"))?;
 
+    Ok((vm, fd))
+}
+
+/// Where `kernel_mode_guest`'s vCPU starts (KVM tests place their code there).
+#[cfg(test)]
+pub(crate) const PROBE_CODE: u64 = KERNEL_CODE;
+
+pub fn probe_user_syscall(kvm: &Kvm) -> Result<UserSyscall, HostCheckError> {
+    let (_vm, mut fd) = kernel_mode_guest(kvm)?;
     // A watchdog kicks the vCPU out of KVM_RUN if the probe guest spins.
     install_kick_handler()?;
     let done = Arc::new(AtomicBool::new(false));

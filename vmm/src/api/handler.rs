@@ -155,6 +155,16 @@ impl RunningVm {
         }
     }
 
+    fn text_guard_json(&self) -> serde_json::Value {
+        let g = self.text_guard.lock().unwrap_or_else(|e| e.into_inner());
+        json!({
+            "protected_sites": g.sites().count(),
+            "read_only_pages": g.pages().len(),
+            "dropped_writes": g.dropped,
+            "passed_writes": g.passed,
+        })
+    }
+
     fn status_json(&self) -> serde_json::Value {
         json!({
             "name": self.name,
@@ -165,6 +175,7 @@ impl RunningVm {
             "uptime_ms": u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             "pauses": self.pause_stats().count(),
             "pause_latency_us": self.pause_stats().summary(),
+            "text_guard": self.text_guard_json(),
         })
     }
 }

@@ -4,4 +4,5 @@ pub mod acpi_power;
 pub mod bus;
 pub mod i8042;
 pub mod serial;
+pub mod text_guard;
 pub mod virtio;

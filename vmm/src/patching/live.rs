@@ -27,7 +27,12 @@ pub struct LiveTarget<'a> {
     /// The paused vCPUs' registers, read once per pause (RIPs and the running tasks'
     /// unwind both need them).
     regs: Option<Vec<CpuRegs>>,
+    /// Sites were written this pause: re-register the read-only pages before resuming.
+    guard_changed: bool,
 }
+
+/// First byte of `jmp rel32`.
+const JMP_REL32: u8 = 0xe9;
 
 impl<'a> LiveTarget<'a> {
     pub fn new(vm: &'a RunningVm, guest: &'a GuestKernel, area: PatchArea) -> Self {
@@ -36,6 +41,7 @@ impl<'a> LiveTarget<'a> {
             guest,
             area,
             regs: None,
+            guard_changed: false,
         }
     }
 
@@ -140,7 +146,23 @@ impl PatchTarget for LiveTarget<'_> {
 
     fn resume(&mut self) -> Result<(), String> {
         self.regs = None;
-        pause::resume_all(&self.vm.vcpus).map_err(|e| e.to_string())
+        let mut guarded = Ok(());
+        if std::mem::take(&mut self.guard_changed) {
+            let pages = self
+                .vm
+                .text_guard
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pages();
+            guarded = self
+                .vm
+                .vm
+                .set_read_only(&pages)
+                .map_err(|e| format!("cannot write-protect the patched sites: {e}"));
+        }
+        // The vCPUs run again whatever happened to the protection.
+        pause::resume_all(&self.vm.vcpus).map_err(|e| e.to_string())?;
+        guarded
     }
 
     fn vcpu_rips(&mut self) -> Result<Vec<u64>, String> {
@@ -194,6 +216,16 @@ impl PatchTarget for LiveTarget<'_> {
             .vm
             .memory()
             .write_slice(bytes, GuestAddress(pa))
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        // A redirection (`jmp rel32`) is guarded against guest writes from the same pause;
+        // a site given back its original bytes is released.
+        let mut guard = self.vm.text_guard.lock().unwrap_or_else(|e| e.into_inner());
+        if bytes.first() == Some(&JMP_REL32) {
+            guard.protect(pa, bytes.len() as u64);
+        } else {
+            guard.unprotect(pa);
+        }
+        self.guard_changed = true;
+        Ok(())
     }
 }

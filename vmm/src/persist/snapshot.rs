@@ -89,6 +89,9 @@ pub struct LivePatchState {
     pub area_slot_va: u64,
     pub next: u64,
     pub ledger: patcher::ledger::Ledger,
+    /// Guest-physical (start, length) of every redirection site guarded against guest writes.
+    #[serde(default)]
+    pub protected: Vec<(u64, u64)>,
 }
 
 impl std::fmt::Debug for VmState {

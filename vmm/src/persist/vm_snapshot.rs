@@ -82,6 +82,12 @@ impl RunningVm {
                 area_slot_va: a.slot_va,
                 next: self.patch_next.unwrap_or(a.usable().0),
                 ledger: self.ledger.clone(),
+                protected: self
+                    .text_guard
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .sites()
+                    .collect(),
             }),
         };
         let memory_path = dir.join(MEMORY_FILE);
@@ -211,6 +217,7 @@ pub fn restore_and_start_with(
         stats,
         (devices.serial, devices.rx_ready),
         devices.block,
+        devices.text_guard,
         machine,
         msr_indices,
     )?;
@@ -221,6 +228,20 @@ pub fn restore_and_start_with(
         });
         running.patch_next = Some(lp.next);
         running.ledger = lp.ledger;
+        let pages = {
+            let mut guard = running.text_guard.lock().unwrap_or_else(|e| e.into_inner());
+            for &(gpa, len) in &lp.protected {
+                guard.protect(gpa, len);
+            }
+            guard.pages()
+        };
+        if !pages.is_empty() {
+            // The vCPUs already run: re-register the slots inside a pause.
+            running
+                .with_paused(|_| running.vm.set_read_only(&pages))
+                .map_err(|e| BuildError::Restore(e.to_string()))?
+                .map_err(|e| BuildError::Restore(e.to_string()))?;
+        }
     }
     Ok(running)
 }

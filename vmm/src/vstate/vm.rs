@@ -1,8 +1,11 @@
 //! The KVM VM: guest memory slots, the in-kernel interrupt controllers and PIT.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -36,6 +39,58 @@ pub enum VmError {
     SupportedCpuid(kvm_ioctls::Error),
     #[error("cannot allocate {mib} MiB of guest memory: {detail}")]
     GuestMemory { mib: u64, detail: String },
+    #[error("{0} read-only pages is more than the {MAX_READONLY_PAGES} this VMM allows")]
+    TooManyReadOnly(usize),
+}
+
+/// Most read-only pages (each splits a RAM slot in up to three).
+pub const MAX_READONLY_PAGES: usize = 256;
+
+/// One registered memory slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    id: u32,
+    gpa: u64,
+    size: u64,
+    readonly: bool,
+}
+
+/// The slots each RAM region is registered as (one, or several around read-only pages).
+#[derive(Debug, Default)]
+struct SlotTable {
+    regions: Vec<Vec<Slot>>,
+    free: Vec<u32>,
+    next: u32,
+}
+
+impl SlotTable {
+    fn take_id(&mut self) -> u32 {
+        self.free.pop().unwrap_or_else(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+}
+
+/// Splits `[start, start + len)` around the 4 KiB `pages` inside it.
+fn segments(start: u64, len: u64, pages: &BTreeSet<u64>) -> Vec<(u64, u64, bool)> {
+    let end = start + len;
+    let mut out = Vec::new();
+    let mut at = start;
+    for &p in pages.range(start..end) {
+        if p > at {
+            out.push((at, p - at, false));
+        }
+        let pend = (p + 4096).min(end);
+        if pend > p.max(at) {
+            out.push((p.max(at), pend - p.max(at), true));
+        }
+        at = at.max(pend);
+    }
+    if at < end {
+        out.push((at, end - at, false));
+    }
+    out
 }
 
 /// Opens `/dev/kvm`, mapping the common failures to clear messages.
@@ -56,6 +111,7 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
 pub struct Vm {
     fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
+    slots: Mutex<SlotTable>,
 }
 
 impl Vm {
@@ -73,25 +129,70 @@ impl Vm {
         let vm = Self {
             fd: Arc::new(fd),
             memory,
+            slots: Mutex::new(SlotTable::default()),
         };
         vm.register_memory()?;
         Ok(vm)
     }
 
     fn register_memory(&self) -> Result<(), VmError> {
-        for (slot, region) in self.memory.iter().enumerate() {
-            let slot = slot as u32;
-            let mr = kvm_userspace_memory_region {
-                slot,
-                flags: 0,
-                guest_phys_addr: region.start_addr().raw_value(),
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-            };
-            // SAFETY: the region is a live mapping owned by `self.memory`, which the VM
-            // keeps alive for as long as the VM fd exists.
-            unsafe { self.fd.set_user_memory_region(mr) }
-                .map_err(|source| VmError::SetMemory { slot, source })?;
+        self.set_read_only(&BTreeSet::new())
+    }
+
+    fn set_slot(&self, slot: Slot, host: u64) -> Result<(), VmError> {
+        let mr = kvm_userspace_memory_region {
+            slot: slot.id,
+            flags: if slot.readonly { KVM_MEM_READONLY } else { 0 },
+            guest_phys_addr: slot.gpa,
+            memory_size: slot.size,
+            userspace_addr: host,
+        };
+        // SAFETY: `host` points into a live mapping owned by `self.memory` (or the slot
+        // is being deleted, size 0), which the VM keeps for as long as the VM fd exists.
+        unsafe { self.fd.set_user_memory_region(mr) }.map_err(|source| VmError::SetMemory {
+            slot: slot.id,
+            source,
+        })
+    }
+
+    /// Registers guest RAM with the 4 KiB `pages` read-only: guest writes to them exit
+    /// to the VMM as MMIO (the text guard answers), the VMM's own writes go through.
+    /// Only regions whose layout changes are re-registered. Call with every vCPU out of
+    /// `KVM_RUN` (paused), or before they start.
+    pub fn set_read_only(&self, pages: &BTreeSet<u64>) -> Result<(), VmError> {
+        if pages.len() > MAX_READONLY_PAGES {
+            return Err(VmError::TooManyReadOnly(pages.len()));
+        }
+        let mut table = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, region) in self.memory.iter().enumerate() {
+            let start = region.start_addr().raw_value();
+            let host = region.as_ptr() as u64;
+            let wanted = segments(start, region.len(), pages);
+            if table.regions.len() <= i {
+                table.regions.push(Vec::new());
+            }
+            let same = table.regions[i].len() == wanted.len()
+                && table.regions[i]
+                    .iter()
+                    .zip(&wanted)
+                    .all(|(s, w)| (s.gpa, s.size, s.readonly) == *w);
+            if same {
+                continue;
+            }
+            for old in std::mem::take(&mut table.regions[i]) {
+                self.set_slot(Slot { size: 0, ..old }, host + (old.gpa - start))?;
+                table.free.push(old.id);
+            }
+            for (gpa, size, readonly) in wanted {
+                let slot = Slot {
+                    id: table.take_id(),
+                    gpa,
+                    size,
+                    readonly,
+                };
+                self.set_slot(slot, host + (gpa - start))?;
+                table.regions[i].push(slot);
+            }
         }
         Ok(())
     }
@@ -118,6 +219,83 @@ pub fn allocate_memory(
 
 #[cfg(test)]
 mod tests {
+    /// A guest store to a read-only page exits as an MMIO write (the text guard's input)
+    /// and leaves RAM unchanged; a read still sees RAM; making it writable again lets the
+    /// store through.
+    #[test]
+    fn read_only_pages_turn_guest_stores_into_mmio_exits() {
+        use kvm_ioctls::VcpuExit;
+        use vm_memory::{Bytes, GuestAddress};
+        if !std::path::Path::new("/dev/kvm").exists() {
+            panic!("this test needs /dev/kvm");
+        }
+        let kvm = super::open_kvm().unwrap();
+        let (vm, mut fd) = crate::host_check::kernel_mode_guest(&kvm).unwrap();
+        const PAGE: u64 = 0x10_0000;
+        // mov byte [PAGE], 0x42; mov al, [PAGE]; out 0x80, al; jmp $
+        // (no hlt: with the in-kernel LAPIC a halted vCPU waits in KVM for an interrupt)
+        let code = [
+            0xc6, 0x04, 0x25, 0x00, 0x00, 0x10, 0x00, 0x42, 0x8a, 0x04, 0x25, 0x00, 0x00, 0x10,
+            0x00, 0xe6, 0x80, 0xeb, 0xfe,
+        ];
+        let mem = vm.memory().clone();
+        mem.write_slice(&code, GuestAddress(crate::host_check::PROBE_CODE))
+            .unwrap();
+        mem.write_obj(0x17u8, GuestAddress(PAGE)).unwrap();
+        vm.set_read_only(&[PAGE].into_iter().collect()).unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..16 {
+            match fd.run().unwrap() {
+                VcpuExit::MmioWrite(addr, data) => seen.push(format!("w {addr:#x} {data:?}")),
+                VcpuExit::MmioRead(addr, data) => {
+                    data.fill(0x99);
+                    seen.push(format!("r {addr:#x}"));
+                }
+                VcpuExit::IoOut(0x80, data) => {
+                    seen.push(format!("out {}", data[0]));
+                    break;
+                }
+                other => panic!("unexpected exit {other:?} after {seen:?}"),
+            }
+        }
+        assert_eq!(seen[0], format!("w {PAGE:#x} [66]"), "{seen:?}");
+        assert_eq!(
+            seen.last().unwrap(),
+            "out 23",
+            "the load read RAM: {seen:?}"
+        );
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(PAGE)).unwrap(), 0x17);
+        // Writable again: the same store goes to RAM.
+        vm.set_read_only(&super::BTreeSet::new()).unwrap();
+        let mut regs = fd.get_regs().unwrap();
+        regs.rip = crate::host_check::PROBE_CODE;
+        fd.set_regs(&regs).unwrap();
+        match fd.run().unwrap() {
+            VcpuExit::IoOut(0x80, data) => assert_eq!(data[0], 0x42),
+            other => panic!("unexpected exit {other:?}"),
+        }
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(PAGE)).unwrap(), 0x42);
+    }
+
+    #[test]
+    fn segments_split_around_read_only_pages() {
+        let pages: super::BTreeSet<u64> = [0x0, 0x3000, 0x4000, 0x9000].into_iter().collect();
+        assert_eq!(
+            super::segments(0x0, 0x8000, &pages),
+            [
+                (0x0, 0x1000, true),
+                (0x1000, 0x2000, false),
+                (0x3000, 0x1000, true),
+                (0x4000, 0x1000, true),
+                (0x5000, 0x3000, false),
+            ]
+        );
+        assert_eq!(
+            super::segments(0x10000, 0x1000, &pages),
+            [(0x10000, 0x1000, false)]
+        );
+    }
+
     use super::*;
     use crate::arch::x86_64::boot::ram_regions;
 
