@@ -28,6 +28,12 @@ pub struct Kernel {
     pub image: KernelImage,
     pub vmcoreinfo: Vmcoreinfo,
     pub symbols: SymbolTable,
+    /// `page_offset_base`, `vmalloc_base`, `vmemmap_base` (randomized by KASLR).
+    pub direct_map_base: Option<u64>,
+    pub vmalloc_base: Option<u64>,
+    pub vmemmap_base: Option<u64>,
+    /// `linux_banner` as the kernel prints it (checked against vmcoreinfo's release).
+    pub banner: Option<String>,
 }
 
 /// Link-time `_text` of x86-64 kernels with `CONFIG_PHYSICAL_START=0x1000000`.
@@ -70,11 +76,34 @@ impl Kernel {
                 )));
             }
         }
+        let release = info
+            .osrelease()
+            .ok_or(KernelError::Missing("OSRELEASE"))?
+            .to_string();
+        let read_var = |name: &str| {
+            let s = symbols.lookup(name, None).ok()?;
+            crate::memory::read_u64(mem, image.pa(s.addr)).ok()
+        };
+        let banner = symbols.lookup("linux_banner", None).ok().and_then(|s| {
+            let mut buf = [0u8; 256];
+            mem.read_phys(image.pa(s.addr), &mut buf).ok()?;
+            let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+            Some(String::from_utf8_lossy(&buf[..end]).trim_end().to_string())
+        });
+        // "Linux version <release> (...)": the two sources must name the same kernel.
+        if let Some(b) = &banner {
+            if !b.starts_with(&format!("Linux version {release} ")) {
+                return Err(KernelError::Inconsistent(format!(
+                    "linux_banner {b:?} is not release {release}"
+                )));
+            }
+        }
         Ok(Kernel {
-            release: info
-                .osrelease()
-                .ok_or(KernelError::Missing("OSRELEASE"))?
-                .to_string(),
+            direct_map_base: read_var("page_offset_base"),
+            vmalloc_base: read_var("vmalloc_base"),
+            vmemmap_base: read_var("vmemmap_base"),
+            banner,
+            release,
             build_id: info.build_id().map(str::to_string),
             kaslr_offset,
             image,

@@ -47,13 +47,17 @@ impl SparseMemory {
 
     /// Writes `bytes` at `va`, creating pages as needed.
     pub fn write(&mut self, va: u64, bytes: &[u8]) {
-        for (i, b) in bytes.iter().enumerate() {
-            let a = va.wrapping_add(i as u64);
+        let mut done = 0usize;
+        while done < bytes.len() {
+            let a = va.wrapping_add(done as u64);
+            let off = (a & 0xfff) as usize;
+            let n = (4096 - off).min(bytes.len() - done);
             let page = self
                 .pages
                 .entry(a & !0xfff)
                 .or_insert_with(|| Box::new([0u8; 4096]));
-            page[(a & 0xfff) as usize] = *b;
+            page[off..off + n].copy_from_slice(&bytes[done..done + n]);
+            done += n;
         }
     }
 

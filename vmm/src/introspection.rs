@@ -113,6 +113,7 @@ pub fn tasks_report(
                 "idle": k.is_idle(),
                 "task": format!("{:#x}", k.addr),
                 "stack": format!("{:#x}", k.stack),
+                "saved_sp": format!("{:#x}", k.saved_sp),
             });
             if stacks {
                 v["trace"] = trace_json(t);
@@ -152,6 +153,10 @@ pub fn kernel_report(gk: &GuestKernel) -> Value {
         "build_id": k.build_id,
         "kaslr_offset": format!("{:#x}", k.kaslr_offset),
         "phys_base": format!("{:#x}", k.image.phys_base),
+        "direct_map_base": k.direct_map_base.map(|v| format!("{v:#x}")),
+        "vmalloc_base": k.vmalloc_base.map(|v| format!("{v:#x}")),
+        "vmemmap_base": k.vmemmap_base.map(|v| format!("{v:#x}")),
+        "banner": k.banner,
         "paging_levels": gk.page_tables.levels(),
         "symbols": k.symbols.len(),
         "btf_types": gk.btf.type_count(),

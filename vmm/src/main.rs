@@ -475,9 +475,23 @@ fn bundle(cmd: BundleCommand) -> Result<i32, String> {
     }
 }
 
+/// Lets a report command die quietly when its reader goes away (`vmm symbols --all | head`),
+/// like other Unix tools; `vmm run` keeps Rust's default (a closed console pipe is an
+/// error it reports, not a signal that kills the VM).
+fn default_sigpipe() {
+    // SAFETY: restoring the default disposition of SIGPIPE touches no Rust state; it runs
+    // before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
+    if !matches!(cli.command, Command::Run(_)) {
+        default_sigpipe();
+    }
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::HostCheck => host_check(),

@@ -211,10 +211,14 @@ pub fn kernel(src: &Source) -> Result<i32, String> {
         ("build id:", "build_id"),
         ("kaslr offset:", "kaslr_offset"),
         ("phys_base:", "phys_base"),
+        ("direct map:", "direct_map_base"),
+        ("vmalloc:", "vmalloc_base"),
+        ("vmemmap:", "vmemmap_base"),
         ("paging levels:", "paging_levels"),
         ("symbols:", "symbols"),
         ("BTF types:", "btf_types"),
         ("ORC entries:", "orc_entries"),
+        ("banner:", "banner"),
     ] {
         println!("{label:<15}{}", s(key));
     }
@@ -245,6 +249,10 @@ pub fn symbols(src: &Source, all: bool, names: &[String]) -> Result<i32, String>
                 .collect()
         }
     };
+    if src.json {
+        println!("{}", serde_json::json!({ "symbols": lines }));
+        return Ok(0);
+    }
     let mut out = String::with_capacity(lines.len() * 48);
     for l in lines {
         out.push_str(&l);
