@@ -188,8 +188,11 @@ impl GuestKernel {
         mem: &dyn GuestPhysMemory,
         vcpus: &dyn Vcpus,
     ) -> Result<Vec<TaskStackTrace>, GuestError> {
+        // One page walker (and its translation cache) and one read of the per-CPU
+        // offsets serve the task walk and every unwind.
         let v = self.virt(mem);
-        let tasks = tasks::enumerate(&v, &self.layout, &self.roots)?;
+        let offsets = tasks::percpu_offsets(&v, &self.roots)?;
+        let tasks = tasks::enumerate_with(&v, &self.layout, &self.roots, &offsets)?;
         let mut regs = Vec::with_capacity(vcpus.vcpu_count());
         for i in 0..vcpus.vcpu_count() {
             regs.push(vcpus.vcpu_regs(i).map_err(|detail| TaskError::Read {
@@ -197,34 +200,7 @@ impl GuestKernel {
                 detail,
             })?);
         }
-        self.with_unwinder(mem, |u| {
-            let by_cpu: Vec<(u32, &CpuRegs)> = regs
-                .iter()
-                .filter_map(|r| u.cpu_of(r).map(|c| (c, r)))
-                .collect();
-            tasks
-                .into_iter()
-                .map(|task| {
-                    let r = task
-                        .current_on
-                        .and_then(|c| by_cpu.iter().find(|(cpu, _)| *cpu == c))
-                        .map(|(_, r)| *r);
-                    let trace = u.trace(&task, r);
-                    TaskStackTrace { task, trace }
-                })
-                .collect()
-        })
-    }
-
-    /// The unwinder over `mem`, for callers that need stack words or symbols too.
-    pub fn with_unwinder<R>(
-        &self,
-        mem: &dyn GuestPhysMemory,
-        f: impl FnOnce(&Unwinder<'_>) -> R,
-    ) -> Result<R, GuestError> {
-        let v = self.virt(mem);
-        let offsets = tasks::percpu_offsets(&v, &self.roots)?;
-        let unwinder = Unwinder {
+        let u = Unwinder {
             mem: &v,
             orc: &self.orc,
             symbols: &self.kernel.symbols,
@@ -234,6 +210,20 @@ impl GuestKernel {
             percpu_offsets: &offsets,
             cpu_stacks: &self.cpu_stacks,
         };
-        Ok(f(&unwinder))
+        let by_cpu: Vec<(u32, &CpuRegs)> = regs
+            .iter()
+            .filter_map(|r| u.cpu_of(r).map(|c| (c, r)))
+            .collect();
+        Ok(tasks
+            .into_iter()
+            .map(|task| {
+                let r = task
+                    .current_on
+                    .and_then(|c| by_cpu.iter().find(|(cpu, _)| *cpu == c))
+                    .map(|(_, r)| *r);
+                let trace = u.trace(&task, r);
+                TaskStackTrace { task, trace }
+            })
+            .collect())
     }
 }

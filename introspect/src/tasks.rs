@@ -261,7 +261,16 @@ pub fn enumerate(
     l: &TaskLayout,
     roots: &TaskRoots,
 ) -> Result<Vec<Task>, TaskError> {
-    let offsets = percpu_offsets(m, roots)?;
+    enumerate_with(m, l, roots, &percpu_offsets(m, roots)?)
+}
+
+/// [`enumerate`] with `__per_cpu_offset[]` already read (the unwinder needs it too).
+pub fn enumerate_with(
+    m: &dyn KernelMemory,
+    l: &TaskLayout,
+    roots: &TaskRoots,
+    offsets: &[u64],
+) -> Result<Vec<Task>, TaskError> {
     let mut current = Vec::with_capacity(offsets.len());
     let mut idle = Vec::with_capacity(offsets.len());
     for (cpu, off) in offsets.iter().enumerate() {
