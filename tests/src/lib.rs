@@ -73,6 +73,8 @@ pub struct Guest {
     output: Arc<Mutex<Vec<u8>>>,
     stderr: Arc<Mutex<Vec<u8>>>,
     consumed: usize,
+    /// Files the test made for this guest (a private disk), removed with it.
+    owned: Vec<PathBuf>,
 }
 
 fn pump(mut from: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>, echo: bool) {
@@ -133,6 +135,7 @@ impl Guest {
             output,
             stderr,
             consumed: 0,
+            owned: Vec::new(),
         }
     }
 
@@ -253,7 +256,34 @@ impl Drop for Guest {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        for f in &self.owned {
+            let _ = std::fs::remove_file(f);
+        }
     }
+}
+
+/// The kernel-only fixture restored on a private copy of its disk (removed with the
+/// guest), with its API socket up.
+pub fn restore_fixture(tag: &str) -> Guest {
+    let snap = kernel_guest_snapshot();
+    let disk = private_disk(tag);
+    let mut guest = Guest::start(&[
+        "run",
+        "--restore",
+        snap.to_str().unwrap(),
+        "--disk",
+        disk.to_str().unwrap(),
+    ]);
+    guest.owned.push(disk);
+    wait_for_socket(&guest.api_socket, Duration::from_secs(60));
+    guest
+}
+
+/// Runs `vmm ARGS`, requires success and returns its stdout.
+pub fn vmm_ok(args: &[&str], timeout: Duration) -> String {
+    let (status, out, err) = run_vmm(args, timeout);
+    assert!(status.success(), "vmm {args:?}: {err}");
+    out
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {

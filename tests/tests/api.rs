@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    api, guest_artifact, kernel_guest_snapshot, private_disk, require_kvm, run_vmm,
-    wait_for_socket, Guest,
+    api, guest_artifact, require_kvm, restore_fixture, run_vmm, wait_for_socket, Guest,
 };
 use serde_json::Value;
 
@@ -363,17 +362,8 @@ fn stamp(text: &str, needle: &str) -> f64 {
 fn a_booted_guest_survives_a_thousand_pauses_with_a_sane_clock() {
     require_kvm();
     const T: Duration = Duration::from_secs(300);
-    let snap = kernel_guest_snapshot();
-    let disk = private_disk("pauses");
-    let mut guest = Guest::start(&[
-        "run",
-        "--restore",
-        snap.to_str().unwrap(),
-        "--disk",
-        disk.to_str().unwrap(),
-    ]);
+    let mut guest = restore_fixture("pauses");
     let s = guest.api_socket.clone();
-    wait_for_socket(&s, Duration::from_secs(60));
     guest.sysrq('h');
     let text = guest.wait_for("show-task-states", T);
     let (guest0, host0) = (stamp(&text, "sysrq: HELP"), Instant::now());
@@ -409,5 +399,4 @@ fn a_booted_guest_survives_a_thousand_pauses_with_a_sane_clock() {
     guest.sysrq('l');
     guest.wait_for("NMI backtrace for cpu 1", T);
     drop(guest);
-    let _ = std::fs::remove_file(&disk);
 }

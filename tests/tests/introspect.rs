@@ -9,9 +9,7 @@ use serde_json::Value;
 const T: Duration = Duration::from_secs(300);
 
 fn vmm_ok(args: &[&str]) -> String {
-    let (status, out, err) = run_vmm(args, T);
-    assert!(status.success(), "vmm {args:?}: {err}");
-    out
+    integration_tests::vmm_ok(args, T)
 }
 
 /// The vCPU state saved in the snapshot (the state file is a 52-byte header + JSON).

@@ -7,9 +7,7 @@
 
 use std::time::Duration;
 
-use integration_tests::{
-    api, kernel_guest_snapshot, private_disk, run_vmm, wait_for_socket, workspace_root, Guest,
-};
+use integration_tests::{api, restore_fixture, run_vmm, wait_for_socket, workspace_root, Guest};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(300);
@@ -32,20 +30,6 @@ fn build_bundle(sample: &str, source: &str) -> String {
     out.display().to_string()
 }
 
-fn restored(tag: &str) -> Guest {
-    let snap = kernel_guest_snapshot();
-    let disk = private_disk(tag);
-    let guest = Guest::start(&[
-        "run",
-        "--restore",
-        snap.to_str().unwrap(),
-        "--disk",
-        disk.to_str().unwrap(),
-    ]);
-    wait_for_socket(&guest.api_socket, Duration::from_secs(60));
-    guest
-}
-
 fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
@@ -53,7 +37,7 @@ fn json(body: &str) -> Value {
 #[test]
 fn patch_a_sysrq_handler_and_revert_it() {
     let bundle = build_bundle("sysrq-showmem", "livepatch_sysrq.c");
-    let mut guest = restored("livepatch");
+    let mut guest = restore_fixture("livepatch");
     let s = guest.api_socket.clone();
     guest.sysrq('m');
     guest.wait_for("Mem-Info", T);
@@ -152,7 +136,7 @@ fn patch_a_sysrq_handler_and_revert_it() {
 #[test]
 fn a_patch_of_a_function_a_task_sleeps_in_is_refused_and_changes_nothing() {
     let bundle = build_bundle("busy-kthreadd", "livepatch_kthreadd.c");
-    let guest = restored("blocked");
+    let guest = restore_fixture("blocked");
     let s = guest.api_socket.clone();
     let text = |s: &std::path::Path| {
         let (status, body) = api(s, "GET", "/kernel/text?symbol=kthreadd", "");
@@ -180,7 +164,7 @@ fn a_patch_of_a_function_a_task_sleeps_in_is_refused_and_changes_nothing() {
 #[test]
 fn a_snapshot_of_a_patched_guest_restores_its_patches() {
     let bundle = build_bundle("sysrq-showmem", "livepatch_sysrq.c");
-    let guest = restored("persist");
+    let guest = restore_fixture("persist");
     let s = guest.api_socket.clone();
     let (status, body) = api(
         &s,
@@ -199,7 +183,10 @@ fn a_snapshot_of_a_patched_guest_restores_its_patches() {
         &format!(r#"{{"dir":"{}","stop":true}}"#, dir.display()),
     );
     assert_eq!(status, 200, "{body}");
-    drop(guest);
+    // The first guest stops with the snapshot; it is kept (with the private disk the
+    // snapshot names) until the end of the test.
+    let mut guest = guest;
+    assert!(guest.wait_exit(Duration::from_secs(60)).success());
 
     // The restored VM knows what its kernel runs: the same ledger, the patch refused as
     // already applied, and the replacement still answering SysRq 'm'.

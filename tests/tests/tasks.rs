@@ -5,17 +5,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use integration_tests::{
-    api, kernel_guest_snapshot, private_disk, run_vmm, wait_for_socket, Guest,
-};
+use integration_tests::{api, kernel_guest_snapshot, restore_fixture, run_vmm};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(600);
 
 fn vmm_ok(args: &[&str]) -> String {
-    let (status, out, err) = run_vmm(args, T);
-    assert!(status.success(), "vmm {args:?}: {err}");
-    out
+    integration_tests::vmm_ok(args, T)
 }
 
 /// One task as the kernel printed it: comm, state letter, kernel-unwound frames
@@ -98,16 +94,7 @@ fn frames(t: &Value) -> Vec<String> {
 
 #[test]
 fn tasks_and_stacks_match_the_kernels_own_sysrq_t() {
-    let snap = kernel_guest_snapshot();
-    let disk = private_disk("tasks");
-    let mut guest = Guest::start(&[
-        "run",
-        "--restore",
-        snap.to_str().unwrap(),
-        "--disk",
-        disk.to_str().unwrap(),
-    ]);
-    wait_for_socket(&guest.api_socket, Duration::from_secs(60));
+    let mut guest = restore_fixture("tasks");
     let s = guest.api_socket.clone();
 
     let before = host_tasks(&s);
@@ -195,7 +182,6 @@ fn tasks_and_stacks_match_the_kernels_own_sysrq_t() {
             "cpu {cpu}: {out}"
         );
     }
-    let _ = std::fs::remove_file(disk);
 }
 
 #[test]
