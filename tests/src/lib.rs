@@ -412,6 +412,14 @@ pub fn private_disk(tag: &str) -> PathBuf {
     let src = workspace_root().join("target/test-fixtures/fixture-disk.img");
     let dst = std::env::temp_dir().join(format!("vmm-disk-{}-{tag}.img", std::process::id()));
     std::fs::copy(&src, &dst).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+    // Keep the fixture's mtime, as `cp -p` would: the restore then recognises the disk by
+    // size and mtime instead of hashing it; the contents are the fixture's either way.
+    let modified = std::fs::metadata(&src).and_then(|m| m.modified());
+    std::fs::File::options()
+        .write(true)
+        .open(&dst)
+        .and_then(|f| f.set_modified(modified?))
+        .unwrap_or_else(|e| panic!("{}: {e}", dst.display()));
     dst
 }
 

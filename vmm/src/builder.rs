@@ -532,6 +532,7 @@ pub fn build_and_start_with(
             readonly: cfg.disk_readonly,
             size: 0,
             sha256: String::new(),
+            mtime_ns: None,
         }),
     };
     let msr_indices =

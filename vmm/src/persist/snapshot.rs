@@ -55,6 +55,10 @@ pub struct DiskRef {
     pub size: u64,
     /// SHA-256 of the whole disk at snapshot time (hex).
     pub sha256: String,
+    /// Modification time at snapshot time, nanoseconds since the epoch. A disk whose size and
+    /// mtime both match is accepted without reading it; any other is hashed.
+    #[serde(default)]
+    pub mtime_ns: Option<u128>,
 }
 
 /// What the VM was built from.
@@ -157,8 +161,38 @@ pub fn disk_identity(path: &Path) -> Result<(u64, String), SnapshotError> {
     Ok((size, hex))
 }
 
-/// Checks that `path` holds the disk `disk` describes.
-pub fn check_disk(disk: &DiskRef, path: &Path) -> Result<(), SnapshotError> {
+/// Modification time of `path` in nanoseconds since the epoch.
+pub fn disk_mtime(path: &Path) -> Result<u128, SnapshotError> {
+    let modified = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .map_err(|source| SnapshotError::Disk {
+            path: path.display().to_string(),
+            source,
+        })?;
+    Ok(modified
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0))
+}
+
+/// How [`check_disk`] recognised the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskMatch {
+    /// Same size and modification time as at snapshot time: not read.
+    SizeAndMtime,
+    /// Read in full; its SHA-256 matches.
+    Contents,
+}
+
+/// Checks that `path` holds the disk `disk` describes: size and mtime when they match
+/// (the same file, untouched since), otherwise its whole contents (a copy, say).
+pub fn check_disk(disk: &DiskRef, path: &Path) -> Result<DiskMatch, SnapshotError> {
+    if let Some(saved) = disk.mtime_ns {
+        let len = std::fs::metadata(path).map(|m| m.len()).ok();
+        if len == Some(disk.size) && disk_mtime(path)? == saved {
+            return Ok(DiskMatch::SizeAndMtime);
+        }
+    }
     let (size, sha) = disk_identity(path)?;
     let changed = |why: String| SnapshotError::DiskChanged {
         path: path.display().to_string(),
@@ -173,7 +207,7 @@ pub fn check_disk(disk: &DiskRef, path: &Path) -> Result<(), SnapshotError> {
     if sha != disk.sha256 {
         return Err(changed("its contents differ".into()));
     }
-    Ok(())
+    Ok(DiskMatch::Contents)
 }
 
 /// Checks that this host can give the guest the CPU it was snapshotted with.
@@ -213,8 +247,9 @@ mod tests {
             readonly: false,
             size,
             sha256,
+            mtime_ns: None,
         };
-        check_disk(&r, &disk).unwrap();
+        assert_eq!(check_disk(&r, &disk).unwrap(), DiskMatch::Contents);
         let copy = dir.join("copy");
         std::fs::copy(&disk, &copy).unwrap();
         check_disk(&r, &copy).unwrap();
@@ -230,6 +265,38 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("4096 bytes"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unchanged_size_and_mtime_skip_the_hash_and_anything_else_is_hashed() {
+        let dir = std::env::temp_dir().join(format!("vmm-snapmtime-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = dir.join("disk");
+        std::fs::write(&disk, vec![1u8; 1 << 20]).unwrap();
+        let (size, sha256) = disk_identity(&disk).unwrap();
+        let r = DiskRef {
+            path: disk.clone(),
+            readonly: false,
+            size,
+            sha256,
+            mtime_ns: Some(disk_mtime(&disk).unwrap()),
+        };
+        assert_eq!(check_disk(&r, &disk).unwrap(), DiskMatch::SizeAndMtime);
+        // Same size, new contents, new mtime: hashed and refused.
+        let file = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        std::os::unix::fs::FileExt::write_at(&file, b"x", 100).unwrap();
+        file.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+            .unwrap();
+        drop(file);
+        assert!(check_disk(&r, &disk)
+            .unwrap_err()
+            .to_string()
+            .contains("contents differ"));
+        // A copy with the original contents but its own mtime: hashed and accepted.
+        let copy = dir.join("copy");
+        std::fs::write(&copy, vec![1u8; 1 << 20]).unwrap();
+        assert_eq!(check_disk(&r, &copy).unwrap(), DiskMatch::Contents);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

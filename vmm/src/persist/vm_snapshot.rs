@@ -12,7 +12,7 @@ use crate::vstate::vcpu::{self, Vcpu};
 use crate::vstate::vm::{self, Vm};
 
 use super::snapshot::{
-    check_cpu_template, check_disk, disk_identity, LivePatchState, SnapshotError, VmSnapshot,
+    check_cpu_template, check_disk, disk_identity, disk_mtime, LivePatchState, SnapshotError, VmSnapshot,
     MEMORY_FILE, STATE_FILE,
 };
 use super::{memory_file, state_file, vcpu_state, vm_state};
@@ -63,6 +63,7 @@ impl RunningVm {
             let (size, sha256) = disk_identity(&disk.path)?;
             disk.size = size;
             disk.sha256 = sha256;
+            disk.mtime_ns = Some(disk_mtime(&disk.path)?);
         }
         let snapshot = VmSnapshot {
             machine,
@@ -127,7 +128,8 @@ pub fn restore_and_start_with(
     let disk_file = match &snap.machine.disk {
         Some(d) => {
             let path = disk.clone().unwrap_or_else(|| d.path.clone());
-            check_disk(d, &path).map_err(restore_err)?;
+            let matched = check_disk(d, &path).map_err(restore_err)?;
+            tracing::debug!(disk = %path.display(), ?matched, "snapshot disk recognised");
             let file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(!d.readonly)
@@ -200,14 +202,21 @@ pub fn restore_and_start_with(
     if let (Some(d), Some((_, path, _))) = (&mut machine.disk, &disk_file) {
         d.path = path.clone();
     }
-    progress(&format!(
-        "restored {} ({} vCPU{}, {} MiB) in {:.1} ms",
-        dir.display(),
-        machine.cpus,
-        if machine.cpus == 1 { "" } else { "s" },
-        machine.memory_mib,
-        started.elapsed().as_secs_f64() * 1000.0
-    ));
+    // Redirection sites are guarded before any vCPU runs: the guest never sees a window
+    // in which it could write them.
+    if let Some(lp) = &snap.live_patch {
+        let pages = {
+            let mut guard = devices.text_guard.lock().unwrap_or_else(|e| e.into_inner());
+            for &(gpa, len) in &lp.protected {
+                guard.protect(gpa, len);
+            }
+            guard.pages()
+        };
+        if !pages.is_empty() {
+            vm.set_read_only(&pages)
+                .map_err(|e| BuildError::Restore(e.to_string()))?;
+        }
+    }
     let mut running = builder::start(
         vm,
         vcpus,
@@ -222,26 +231,20 @@ pub fn restore_and_start_with(
         msr_indices,
     )?;
     running.snapshot_trigger = snapshot_trigger.cloned();
+    progress(&format!(
+        "restored {} ({} vCPU{}, {} MiB): vCPUs running {:.1} ms after the restore began",
+        dir.display(),
+        running.machine.cpus,
+        if running.machine.cpus == 1 { "" } else { "s" },
+        running.machine.memory_mib,
+        started.elapsed().as_secs_f64() * 1000.0
+    ));
     if let Some(lp) = snap.live_patch {
         running.patch_area = Some(crate::patching::area::PatchArea {
             slot_va: lp.area_slot_va,
         });
         running.patch_next = Some(lp.next);
         running.ledger = lp.ledger;
-        let pages = {
-            let mut guard = running.text_guard.lock().unwrap_or_else(|e| e.into_inner());
-            for &(gpa, len) in &lp.protected {
-                guard.protect(gpa, len);
-            }
-            guard.pages()
-        };
-        if !pages.is_empty() {
-            // The vCPUs already run: re-register the slots inside a pause.
-            running
-                .with_paused(|_| running.vm.set_read_only(&pages))
-                .map_err(|e| BuildError::Restore(e.to_string()))?
-                .map_err(|e| BuildError::Restore(e.to_string()))?;
-        }
     }
     Ok(running)
 }
