@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use crate::manifest::{Manifest, State};
 use crate::redirect::{self, RedirectError, SiteWrite, SITE_LEN};
+use crate::system_state::{self, ReadData, ResolvedAction, StatePlan, StateRecord};
 
 /// Why a transition cannot be planned.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -48,6 +49,8 @@ pub enum LedgerError {
     Site(#[from] RedirectError),
     #[error("bundle {bundle} replaces {func} twice")]
     DuplicateSite { bundle: String, func: String },
+    #[error("bundle {bundle}: state variable {detail}")]
+    StateData { bundle: String, detail: String },
 }
 
 /// A replacement resolved against the running kernel and the loaded patch code.
@@ -87,6 +90,9 @@ pub struct BundleRecord {
     pub sticky: bool,
     /// Position in the stack of enabled bundles when applied (1-based).
     pub stack_order: usize,
+    /// The bundle's state actions, resolved (what it writes while it holds a state).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<ResolvedAction>,
 }
 
 /// One function of a bundle.
@@ -104,6 +110,9 @@ pub struct FunctionRecord {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Event {
     pub seq: u64,
+    /// Wall-clock time, microseconds since the Unix epoch.
+    #[serde(default)]
+    pub time_us: u64,
     pub bundle: String,
     pub what: String,
 }
@@ -120,6 +129,10 @@ pub struct Transition {
     pub busy_ranges: Vec<(u64, u64, String)>,
     /// Bundles that an atomic replace retires.
     pub replaces: Vec<String>,
+    /// System-state actions of the transition.
+    pub states: StatePlan,
+    /// The applied bundle's resolved state actions (empty for a disable).
+    pub actions: Vec<ResolvedAction>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +158,9 @@ pub struct Ledger {
     sites: BTreeMap<u64, Site>,
     events: Vec<Event>,
     next_seq: u64,
+    /// System states in force, by id.
+    #[serde(default)]
+    states: BTreeMap<u64, StateRecord>,
 }
 
 impl Ledger {
@@ -162,6 +178,11 @@ impl Ledger {
         &self.events
     }
 
+    /// System states in force.
+    pub fn states(&self) -> impl Iterator<Item = &StateRecord> {
+        self.states.values()
+    }
+
     fn enabled(&self) -> impl Iterator<Item = &BundleRecord> {
         self.bundles
             .iter()
@@ -171,8 +192,12 @@ impl Ledger {
     /// Appends to the event log.
     pub fn log(&mut self, bundle: &str, what: impl Into<String>) {
         self.next_seq += 1;
+        let time_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
         self.events.push(Event {
             seq: self.next_seq,
+            time_us,
             bundle: bundle.to_string(),
             what: what.into(),
         });
@@ -234,13 +259,27 @@ impl Ledger {
         Ok(())
     }
 
-    /// Plans applying a bundle whose functions are resolved; `current(site)` reads the
-    /// 5 bytes now at a site.
+    /// Plans applying a bundle whose functions are resolved and whose states carry no
+    /// actions; `current(site)` reads the 5 bytes now at a site.
     pub fn plan_apply(
         &self,
         manifest: &Manifest,
         functions: &[ResolvedFunction],
+        current: impl FnMut(u64) -> [u8; SITE_LEN],
+    ) -> Result<Transition, LedgerError> {
+        let mut no_data = |addr: u64, _| Err(format!("{addr:#x}: no state actions planned"));
+        self.plan_apply_with_actions(manifest, functions, &[], current, &mut no_data)
+    }
+
+    /// [`Ledger::plan_apply`] with the bundle's resolved state actions; `read(addr, len)`
+    /// reads kernel variables (the originals to save and the values now in force).
+    pub fn plan_apply_with_actions(
+        &self,
+        manifest: &Manifest,
+        functions: &[ResolvedFunction],
+        actions: &[ResolvedAction],
         mut current: impl FnMut(u64) -> [u8; SITE_LEN],
+        read: &mut ReadData<'_>,
     ) -> Result<Transition, LedgerError> {
         if self
             .bundles
@@ -295,12 +334,21 @@ impl Ledger {
             }
             replaces = self.enabled().map(|b| b.name.clone()).collect();
         }
+        let declared: Vec<(u64, u32)> = manifest.states.iter().map(|s| (s.id, s.version)).collect();
+        let states =
+            system_state::plan_apply(&self.states, &manifest.name, &declared, actions, read)
+                .map_err(|detail| LedgerError::StateData {
+                    bundle: manifest.name.clone(),
+                    detail,
+                })?;
         Ok(Transition {
             bundle: manifest.name.clone(),
             kind: TransitionKind::Apply,
             writes,
             busy_ranges: busy,
             replaces,
+            states,
+            actions: actions.to_vec(),
         })
     }
 
@@ -371,26 +419,66 @@ impl Ledger {
             status: BundleStatus::Enabled,
             forced,
             stack_order: order,
+            actions: transition.actions.clone(),
         });
+        for state in &manifest.states {
+            let previous = self
+                .states
+                .get(&state.id)
+                .and_then(|r| r.holders.last().cloned());
+            let rec = self.states.entry(state.id).or_insert_with(|| StateRecord {
+                id: state.id,
+                version: state.version,
+                holders: Vec::new(),
+                saved: Vec::new(),
+                taken_over_from: None,
+            });
+            rec.version = state.version;
+            if manifest.replace {
+                rec.holders.clear();
+            }
+            rec.holders.retain(|h| h != &manifest.name);
+            rec.holders.push(manifest.name.clone());
+            if previous.is_some() {
+                rec.taken_over_from = previous;
+            }
+            for (id, saved) in &transition.states.saves {
+                if *id == state.id && !rec.saved.iter().any(|s| s.addr == saved.addr) {
+                    rec.saved.push(saved.clone());
+                }
+            }
+        }
         for name in &transition.replaces {
             self.log(name, format!("replaced by {}", manifest.name));
         }
         self.log(
             &manifest.name,
             if forced {
-                "completed (forced: consistency check skipped)"
+                "patching complete (forced: consistency check skipped)"
             } else {
-                "completed"
+                "patching complete"
             },
         );
     }
 
-    /// Plans disabling an enabled bundle: each of its sites falls back to the previous
-    /// bundle's function on that site, or to the original code.
+    /// Plans disabling an enabled bundle whose states carry no actions.
     pub fn plan_disable(
         &self,
         name: &str,
+        current: impl FnMut(u64) -> [u8; SITE_LEN],
+    ) -> Result<Transition, LedgerError> {
+        let mut no_data = |addr: u64, _| Err(format!("{addr:#x}: no state actions planned"));
+        self.plan_disable_with_actions(name, current, &mut no_data)
+    }
+
+    /// Plans disabling an enabled bundle: each of its sites falls back to the previous
+    /// bundle's function on that site, or to the original code, and each of its states to
+    /// the holder below or to the saved originals; `read` reads kernel variables.
+    pub fn plan_disable_with_actions(
+        &self,
+        name: &str,
         mut current: impl FnMut(u64) -> [u8; SITE_LEN],
+        read: &mut ReadData<'_>,
     ) -> Result<Transition, LedgerError> {
         let bundle = self
             .enabled()
@@ -431,12 +519,27 @@ impl Ledger {
                 None => redirect::plan_revert(&f.old, f.site, now, f.new_addr, site.original)?,
             });
         }
+        let declared: Vec<u64> = bundle.states.iter().map(|s| s.0).collect();
+        let actions_of = |holder: &str, id: u64| -> Vec<&ResolvedAction> {
+            self.enabled()
+                .filter(|b| b.name == holder)
+                .flat_map(|b| &b.actions)
+                .filter(|a| a.state == id)
+                .collect()
+        };
+        let states = system_state::plan_disable(&self.states, name, &declared, &actions_of, read)
+            .map_err(|detail| LedgerError::StateData {
+            bundle: name.to_string(),
+            detail,
+        })?;
         Ok(Transition {
             bundle: name.to_string(),
             kind: TransitionKind::Disable,
             writes,
             busy_ranges: busy,
             replaces: Vec::new(),
+            states,
+            actions: Vec::new(),
         })
     }
 
@@ -454,12 +557,16 @@ impl Ledger {
             b.status = BundleStatus::Disabled;
             b.forced |= forced;
         }
+        for rec in self.states.values_mut() {
+            rec.holders.retain(|h| h != name);
+        }
+        self.states.retain(|_, rec| !rec.holders.is_empty());
         self.log(
             name,
             if forced {
-                "disabled (forced)"
+                "unpatching complete (forced)"
             } else {
-                "disabled"
+                "unpatching complete"
             },
         );
     }
@@ -504,7 +611,11 @@ mod tests {
                 .collect(),
             states: states
                 .iter()
-                .map(|&(id, version)| State { id, version })
+                .map(|&(id, version)| State {
+                    id,
+                    version,
+                    actions: Vec::new(),
+                })
                 .collect(),
         }
     }
@@ -572,7 +683,7 @@ mod tests {
             Err(LedgerError::NotApplied(_))
         ));
         let log: Vec<&str> = l.events().iter().map(|e| e.what.as_str()).collect();
-        assert_eq!(log, ["completed", "disabled"]);
+        assert_eq!(log, ["patching complete", "unpatching complete"]);
     }
 
     #[test]

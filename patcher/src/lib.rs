@@ -10,5 +10,6 @@ pub mod linker;
 pub mod manifest;
 pub mod object_check;
 pub mod redirect;
+pub mod system_state;
 pub mod target;
 pub mod transition;

@@ -26,12 +26,50 @@ pub struct Replacement {
 }
 
 /// A system state the patch introduces or understands (kernel livepatch "states").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct State {
     pub id: u64,
     pub version: u32,
+    /// What the host does to guest memory for this state, in place of the kernel's
+    /// pre/post patch/unpatch callbacks (docs/semantics.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<StateAction>,
 }
+
+/// A host-side state action: when the state is set up, the host saves the kernel
+/// variable `symbol` (`size` bytes) and writes `value` into it; when the state is
+/// released, the saved value is written back. The saved value belongs to the state, so a
+/// bundle that takes the state over keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateAction {
+    /// A data or bss symbol of the kernel image, as named in kallsyms.
+    pub symbol: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sympos: Option<u32>,
+    /// Width of the variable in bytes: 1, 2, 4 or 8.
+    pub size: u8,
+    /// The value to write (signed or unsigned; it must fit `size` bytes).
+    pub value: i128,
+}
+
+impl StateAction {
+    /// `value` as `size` little-endian bytes (validated to fit).
+    pub fn bytes(&self) -> Vec<u8> {
+        self.value.to_le_bytes()[..usize::from(self.size)].to_vec()
+    }
+
+    fn fits(&self) -> bool {
+        let bits = u32::from(self.size) * 8;
+        let min = -(1i128 << (bits - 1));
+        let max = (1i128 << bits) - 1;
+        (min..=max).contains(&self.value)
+    }
+}
+
+/// Most actions one state may declare.
+pub const MAX_ACTIONS: usize = 64;
 
 /// The kernel a bundle is built for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,6 +197,41 @@ impl Manifest {
             if !ids.insert(s.id) {
                 return bad(format!("state {} is declared twice", s.id));
             }
+            if s.actions.len() > MAX_ACTIONS {
+                return bad(format!("state {}: more than {MAX_ACTIONS} actions", s.id));
+            }
+            for a in &s.actions {
+                if !valid_symbol(&a.symbol) {
+                    return bad(format!(
+                        "state {}: {:?} is not a symbol name",
+                        s.id, a.symbol
+                    ));
+                }
+                if a.sympos == Some(0) {
+                    return bad(format!(
+                        "state {}: {}: sympos counts from 1",
+                        s.id, a.symbol
+                    ));
+                }
+                if ![1, 2, 4, 8].contains(&a.size) {
+                    return bad(format!(
+                        "state {}: {}: size must be 1, 2, 4 or 8 bytes",
+                        s.id, a.symbol
+                    ));
+                }
+                if !a.fits() {
+                    return bad(format!(
+                        "state {}: {}: value {} does not fit {} bytes",
+                        s.id, a.symbol, a.value, a.size
+                    ));
+                }
+            }
+        }
+        let mut vars = std::collections::HashSet::new();
+        for a in self.states.iter().flat_map(|s| &s.actions) {
+            if !vars.insert((a.symbol.as_str(), a.sympos.unwrap_or(1))) {
+                return bad(format!("{} is written by two state actions", a.symbol));
+            }
         }
         Ok(())
     }
@@ -175,8 +248,23 @@ mod tests {
         "replace": true,
         "functions": [{"old": "cmdline_proc_show", "new": "livepatch_cmdline_proc_show"},
                       {"old": "show_val.isra.0", "sympos": 2, "new": "new_show_val"}],
-        "states": [{"id": 7, "version": 1}]
+        "states": [{"id": 7, "version": 1,
+                    "actions": [{"symbol": "console_loglevel", "size": 4, "value": 15}]}]
     }"#;
+
+    #[test]
+    fn negative_and_unsigned_values_encode_little_endian() {
+        let a = |size, value| StateAction {
+            symbol: "v".into(),
+            sympos: None,
+            size,
+            value,
+        };
+        assert_eq!(a(4, -1).bytes(), vec![0xff; 4]);
+        assert_eq!(a(1, 255).bytes(), vec![0xff]);
+        assert_eq!(a(8, u64::MAX as i128).bytes(), vec![0xff; 8]);
+        assert!(!a(1, 256).fits() && a(1, -128).fits() && !a(1, -129).fits());
+    }
 
     #[test]
     fn parses_a_complete_manifest() {
@@ -184,7 +272,20 @@ mod tests {
         assert_eq!(m.version, 2);
         assert!(m.replace);
         assert_eq!(m.functions[1].sympos, Some(2));
-        assert_eq!(m.states, vec![State { id: 7, version: 1 }]);
+        assert_eq!(
+            m.states,
+            vec![State {
+                id: 7,
+                version: 1,
+                actions: vec![StateAction {
+                    symbol: "console_loglevel".into(),
+                    sympos: None,
+                    size: 4,
+                    value: 15
+                }]
+            }]
+        );
+        assert_eq!(m.states[0].actions[0].bytes(), vec![15, 0, 0, 0]);
         let round = Manifest::from_json(&serde_json::to_string(&m).unwrap()).unwrap();
         assert_eq!(round, m);
     }
@@ -203,8 +304,8 @@ mod tests {
             ),
             (
                 GOOD.replace(
-                    "\"id\": 7, \"version\": 1}",
-                    "\"id\": 7, \"version\": 1}, {\"id\": 7, \"version\": 2}",
+                    "\"states\": [",
+                    "\"states\": [{\"id\": 7, \"version\": 2}, ",
                 ),
                 "declared twice",
             ),
@@ -219,9 +320,30 @@ mod tests {
             ("{".to_string(), "parse"),
             (GOOD.replace("\"id\": 7", "\"id\": 0"), "id 0"),
             (GOOD.replace("\"id\": 7", "\"id\": -1"), "parse"),
+            (GOOD.replace("\"version\": 1,", "\"version\": -1,"), "parse"),
+            (GOOD.replace("\"size\": 4", "\"size\": 3"), "1, 2, 4 or 8"),
+            (
+                GOOD.replace("\"value\": 15", "\"value\": 4294967296"),
+                "does not fit",
+            ),
+            (
+                GOOD.replace("\"value\": 15", "\"value\": -2147483649"),
+                "does not fit",
+            ),
+            (GOOD.replace("console_loglevel", "9x"), "not a symbol"),
+            (
+                GOOD.replace(
+                    "\"value\": 15}",
+                    "\"value\": 15}, {\"symbol\": \"console_loglevel\", \"size\": 4, \"value\": 1}",
+                ),
+                "two state actions",
+            ),
         ];
         for (text, want) in cases {
-            let err = Manifest::from_json(&text).unwrap_err().to_string();
+            let err = Manifest::from_json(&text)
+                .map(|_| panic!("accepted, expected {want}: {text}"))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{err} should mention {want}");
         }
     }

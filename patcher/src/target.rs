@@ -24,6 +24,9 @@ pub trait PatchTarget {
     fn function(&self, name: &str, sympos: Option<u32>) -> Result<FunctionSymbol, String>;
     /// A kernel symbol's address for the linker.
     fn symbol(&self, name: &str, sympos: Option<u32>) -> Result<u64, String>;
+    /// A writable kernel variable (a data or bss symbol of the kernel image) for state
+    /// actions; anything else is refused.
+    fn data_symbol(&self, name: &str, sympos: Option<u32>) -> Result<u64, String>;
     /// The patch area: guest virtual base and size.
     fn patch_area(&self) -> (u64, u64);
     /// Places a linked patch (RX text, RO rodata, RW data) in the patch area.
@@ -41,4 +44,6 @@ pub trait PatchTarget {
     fn read_kernel(&self, addr: u64, buf: &mut [u8]) -> Result<(), String>;
     /// Writes guest kernel text (the VMM unprotects, writes and re-protects).
     fn write_kernel_text(&mut self, addr: u64, bytes: &[u8]) -> Result<(), String>;
+    /// Writes a guest kernel variable (paused).
+    fn write_kernel_data(&mut self, addr: u64, bytes: &[u8]) -> Result<(), String>;
 }

@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use crate::bundle::Bundle;
 use crate::consistency::{self, Blocker};
-use crate::ledger::{Ledger, LedgerError, ResolvedFunction, Transition};
+use crate::ledger::{Ledger, LedgerError, ResolvedFunction, Transition, TransitionKind};
 use crate::linker::{self, LinkError, LinkedPatch, SymbolResolver};
-use crate::redirect::{SiteWrite, SITE_LEN};
+use crate::redirect::SITE_LEN;
+use crate::system_state::ResolvedAction;
 use crate::target::PatchTarget;
 
 /// Why a transition failed. In every case the guest's kernel text and the patch area
@@ -84,38 +85,104 @@ impl<T: PatchTarget> SymbolResolver for Resolver<'_, T> {
     }
 }
 
+fn read_data<T: PatchTarget>(target: &T, addr: u64, len: usize) -> Result<Vec<u8>, String> {
+    let mut b = vec![0u8; len];
+    target.read_kernel(addr, &mut b)?;
+    Ok(b)
+}
+
 fn read_site<T: PatchTarget>(target: &T, site: u64) -> Result<[u8; SITE_LEN], String> {
     let mut b = [0u8; SITE_LEN];
     target.read_kernel(site, &mut b)?;
     Ok(b)
 }
 
-/// Writes every site or, if one fails, restores those already written.
-fn write_all<T: PatchTarget>(
-    target: &mut T,
-    bundle: &str,
-    writes: &[SiteWrite],
-) -> Result<(), TransitionError> {
-    for (i, w) in writes.iter().enumerate() {
-        let result =
-            target
-                .write_kernel_text(w.site, &w.replacement)
-                .and_then(|_| match read_site(target, w.site) {
-                    Ok(b) if b == w.replacement => Ok(()),
-                    Ok(_) => Err("read back differs".to_string()),
-                    Err(e) => Err(e),
-                });
-        if let Err(detail) = result {
-            for done in writes[..i].iter().rev() {
-                let _ = target.write_kernel_text(done.site, &done.expected);
-            }
-            let _ = target.write_kernel_text(w.site, &w.expected);
-            return Err(TransitionError::WriteFailed {
-                bundle: bundle.to_string(),
-                site: w.site,
-                detail,
-            });
+/// Writes made so far in one pause, undone in reverse if a later one fails.
+#[derive(Default)]
+struct Undo(Vec<(u64, Vec<u8>, bool)>);
+
+impl Undo {
+    fn rollback<T: PatchTarget>(&mut self, target: &mut T) {
+        for (addr, bytes, text) in self.0.drain(..).rev() {
+            let _ = if text {
+                target.write_kernel_text(addr, &bytes)
+            } else {
+                target.write_kernel_data(addr, &bytes)
+            };
         }
+    }
+}
+
+/// One verified write of kernel text (`text`) or of a kernel variable.
+fn write_one<T: PatchTarget>(
+    target: &mut T,
+    undo: &mut Undo,
+    addr: u64,
+    expected: &[u8],
+    bytes: &[u8],
+    text: bool,
+) -> Result<(), String> {
+    // Recorded first: a half-done write is undone too.
+    undo.0.push((addr, expected.to_vec(), text));
+    if text {
+        target.write_kernel_text(addr, bytes)?;
+    } else {
+        target.write_kernel_data(addr, bytes)?;
+    }
+    let mut back = vec![0u8; bytes.len()];
+    target.read_kernel(addr, &mut back)?;
+    if back != bytes {
+        return Err("read back differs".into());
+    }
+    Ok(())
+}
+
+/// The switch itself, in one pause and in the kernel's order: pre-(un)patch state
+/// actions, the site writes, post-(un)patch actions. Every write is verified; if one
+/// fails, all of them are undone and the guest sees none.
+fn switch<T: PatchTarget>(
+    target: &mut T,
+    ledger: &mut Ledger,
+    bundle: &str,
+    t: &Transition,
+) -> Result<(), TransitionError> {
+    let (phase, word) = match t.kind {
+        TransitionKind::Apply => ("patch", "patching"),
+        TransitionKind::Disable => ("unpatch", "unpatching"),
+    };
+    let mut undo = Undo::default();
+    let failed = |target: &mut T, undo: &mut Undo, site: u64, detail: String| {
+        undo.rollback(target);
+        TransitionError::WriteFailed {
+            bundle: bundle.to_string(),
+            site,
+            detail,
+        }
+    };
+    for line in &t.states.pre {
+        ledger.log(bundle, format!("pre-{phase}: {line}"));
+    }
+    let data = |target: &mut T, undo: &mut Undo| -> Result<(), (u64, String)> {
+        for w in &t.states.writes {
+            write_one(target, undo, w.addr, &w.expected, &w.value, false)
+                .map_err(|e| (w.addr, format!("{}: {e}", w.symbol)))?;
+        }
+        Ok(())
+    };
+    if t.kind == TransitionKind::Disable {
+        data(target, &mut undo).map_err(|(a, e)| failed(target, &mut undo, a, e))?;
+    }
+    ledger.log(bundle, format!("starting {word} transition"));
+    for w in &t.writes {
+        write_one(target, &mut undo, w.site, &w.expected, &w.replacement, true)
+            .map_err(|e| failed(target, &mut undo, w.site, e))?;
+    }
+    ledger.log(bundle, format!("completing {word} transition"));
+    if t.kind == TransitionKind::Apply {
+        data(target, &mut undo).map_err(|(a, e)| failed(target, &mut undo, a, e))?;
+    }
+    for line in &t.states.post {
+        ledger.log(bundle, format!("post-{phase}: {line}"));
     }
     Ok(())
 }
@@ -126,6 +193,7 @@ fn run<T: PatchTarget>(
     target: &mut T,
     ledger: &mut Ledger,
     bundle: &str,
+    kind: TransitionKind,
     opts: &Options,
     cancelled: &dyn Fn() -> bool,
     mut plan: impl FnMut(&Ledger, &T) -> Result<Transition, TransitionError>,
@@ -133,7 +201,13 @@ fn run<T: PatchTarget>(
     let start = Instant::now();
     let mut wait = opts.backoff;
     let mut attempt = 0u32;
-    ledger.log(bundle, "transition started");
+    ledger.log(
+        bundle,
+        match kind {
+            TransitionKind::Apply => "initializing patching transition",
+            TransitionKind::Disable => "initializing unpatching transition",
+        },
+    );
     loop {
         attempt += 1;
         let stopped_at = Instant::now();
@@ -149,9 +223,12 @@ fn run<T: PatchTarget>(
                     return Ok(Err(blockers));
                 }
             }
-            write_all(target, bundle, &t.writes)?;
             Ok(Ok(t))
         })();
+        let outcome = match outcome {
+            Ok(Ok(t)) => switch(target, ledger, bundle, &t).map(|()| Ok(t)),
+            other => other,
+        };
         target.resume().map_err(TransitionError::Target)?;
         // The guest-visible cost of this attempt: pause to resume, stack check included.
         ledger.log(
@@ -212,7 +289,6 @@ pub fn apply<T: PatchTarget>(
         ledger.log(&m.name, format!("rejected: {e}"));
         e
     };
-    ledger.log(&m.name, "accepted");
     let release = target.kernel_release().map_err(TransitionError::Target)?;
     if release != m.target.release {
         return Err(reject(
@@ -249,6 +325,27 @@ pub fn apply<T: PatchTarget>(
             )
         });
         olds.push(sym?);
+    }
+    let mut actions: Vec<ResolvedAction> = Vec::new();
+    for state in &m.states {
+        for a in &state.actions {
+            let addr = target.data_symbol(&a.symbol, a.sympos).map_err(|detail| {
+                reject(
+                    ledger,
+                    TransitionError::Resolve {
+                        bundle: m.name.clone(),
+                        func: format!("state {} variable {}", state.id, a.symbol),
+                        detail,
+                    },
+                )
+            })?;
+            actions.push(ResolvedAction {
+                state: state.id,
+                symbol: a.symbol.clone(),
+                addr,
+                value: a.bytes(),
+            });
+        }
     }
     let (area_base, area_size) = target.patch_area();
     let available = (area_base + area_size).saturating_sub(area_next);
@@ -290,16 +387,35 @@ pub fn apply<T: PatchTarget>(
         ledger.log(&m.name, what);
     }
     ledger
-        .plan_apply(m, &resolved, |s| {
-            read_site(target, s).unwrap_or([0; SITE_LEN])
-        })
+        .plan_apply_with_actions(
+            m,
+            &resolved,
+            &actions,
+            |s| read_site(target, s).unwrap_or([0; SITE_LEN]),
+            &mut |addr, len| read_data(target, addr, len),
+        )
         .map_err(|e| reject(ledger, e.into()))?;
+    ledger.log(&m.name, "enabling patch");
     target
         .load_patch(&linked)
         .map_err(TransitionError::Target)?;
-    let result = run(target, ledger, &m.name, opts, cancelled, |l, t| {
-        Ok(l.plan_apply(m, &resolved, |s| read_site(t, s).unwrap_or([0; SITE_LEN]))?)
-    });
+    let result = run(
+        target,
+        ledger,
+        &m.name,
+        TransitionKind::Apply,
+        opts,
+        cancelled,
+        |l, t| {
+            Ok(l.plan_apply_with_actions(
+                m,
+                &resolved,
+                &actions,
+                |s| read_site(t, s).unwrap_or([0; SITE_LEN]),
+                &mut |addr, len| read_data(t, addr, len),
+            )?)
+        },
+    );
     match result {
         Ok(t) => {
             ledger.commit_apply(m, digest, &resolved, &t, opts.force);
@@ -320,10 +436,26 @@ pub fn disable<T: PatchTarget>(
     opts: &Options,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<(), TransitionError> {
-    ledger.plan_disable(name, |s| read_site(target, s).unwrap_or([0; SITE_LEN]))?;
-    run(target, ledger, name, opts, cancelled, |l, t| {
-        Ok(l.plan_disable(name, |s| read_site(t, s).unwrap_or([0; SITE_LEN]))?)
-    })?;
+    ledger.plan_disable_with_actions(
+        name,
+        |s| read_site(target, s).unwrap_or([0; SITE_LEN]),
+        &mut |addr, len| read_data(target, addr, len),
+    )?;
+    run(
+        target,
+        ledger,
+        name,
+        TransitionKind::Disable,
+        opts,
+        cancelled,
+        |l, t| {
+            Ok(l.plan_disable_with_actions(
+                name,
+                |s| read_site(t, s).unwrap_or([0; SITE_LEN]),
+                &mut |addr, len| read_data(t, addr, len),
+            )?)
+        },
+    )?;
     ledger.commit_disable(name, opts.force);
     Ok(())
 }
@@ -343,9 +475,12 @@ mod tests {
     const AREA: u64 = 0xffff_ffff_c000_0000;
     const AREA_SIZE: u64 = 1 << 20;
     const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+    /// Kernel data: `console_loglevel` (an int holding 7) at its start.
+    const KDATA: u64 = KTEXT + 0x20000;
 
     struct FakeVm {
         text: Vec<u8>,
+        data: Vec<u8>,
         area: Vec<u8>,
         release: String,
         paused: bool,
@@ -362,8 +497,11 @@ mod tests {
                 let o = (f - KTEXT) as usize;
                 text[o..o + 5].copy_from_slice(&NOP5);
             }
+            let mut data = vec![0; 0x1000];
+            data[..4].copy_from_slice(&7i32.to_le_bytes());
             FakeVm {
                 text,
+                data,
                 area: vec![0; AREA_SIZE as usize],
                 release: "6.1.0-53-cloud-amd64".into(),
                 paused: false,
@@ -372,6 +510,9 @@ mod tests {
                 fail_write_at: None,
                 writes: 0,
             }
+        }
+        fn loglevel(&self) -> i32 {
+            i32::from_le_bytes(self.data[..4].try_into().unwrap())
         }
         fn site(&self, a: u64) -> [u8; 5] {
             let o = (a - KTEXT) as usize;
@@ -404,6 +545,13 @@ mod tests {
         fn symbol(&self, name: &str, _: Option<u32>) -> Result<u64, String> {
             match name {
                 "seq_puts" => Ok(KTEXT + 0x3000),
+                _ => Err(String::new()),
+            }
+        }
+        fn data_symbol(&self, name: &str, _: Option<u32>) -> Result<u64, String> {
+            match name {
+                "console_loglevel" => Ok(KDATA),
+                "cmdline_proc_show" => Err("cmdline_proc_show is not a variable (type T)".into()),
                 _ => Err(String::new()),
             }
         }
@@ -466,8 +614,23 @@ mod tests {
             }])
         }
         fn read_kernel(&self, addr: u64, buf: &mut [u8]) -> Result<(), String> {
+            if addr >= KDATA {
+                let o = (addr - KDATA) as usize;
+                buf.copy_from_slice(&self.data[o..o + buf.len()]);
+                return Ok(());
+            }
             let o = (addr - KTEXT) as usize;
             buf.copy_from_slice(&self.text[o..o + buf.len()]);
+            Ok(())
+        }
+        fn write_kernel_data(&mut self, addr: u64, bytes: &[u8]) -> Result<(), String> {
+            assert!(self.paused, "data written while the guest runs");
+            self.writes += 1;
+            if Some(self.writes) == self.fail_write_at {
+                return Err("injected failure".into());
+            }
+            let o = (addr - KDATA) as usize;
+            self.data[o..o + bytes.len()].copy_from_slice(bytes);
             Ok(())
         }
         fn write_kernel_text(&mut self, addr: u64, bytes: &[u8]) -> Result<(), String> {
@@ -556,19 +719,182 @@ mod tests {
         disable(&mut vm, &mut ledger, "cmdline", &quick(), &|| false).unwrap();
         assert_eq!(vm.text, original);
         let log: Vec<&str> = ledger.events().iter().map(|e| e.what.as_str()).collect();
-        assert_eq!(log.len(), 7, "{log:?}");
-        assert_eq!(&log[..2], ["accepted", "transition started"]);
+        // The kernel's transcript (functions.sh), plus the host's per-attempt line.
+        assert_eq!(log.len(), 11, "{log:?}");
+        assert_eq!(
+            &log[..4],
+            [
+                "enabling patch",
+                "initializing patching transition",
+                "starting patching transition",
+                "completing patching transition"
+            ]
+        );
         assert!(
-            log[2].starts_with("attempt 1: vCPUs stopped for "),
+            log[4].starts_with("attempt 1: vCPUs stopped for "),
             "{log:?}"
         );
-        assert!(log[2].ends_with(" us, 1 task stacks checked"), "{log:?}");
-        assert_eq!(&log[3..5], ["completed", "transition started"]);
-        assert!(
-            log[5].starts_with("attempt 1: vCPUs stopped for "),
-            "{log:?}"
+        assert!(log[4].ends_with(" us, 1 task stacks checked"), "{log:?}");
+        assert_eq!(
+            &log[5..9],
+            [
+                "patching complete",
+                "initializing unpatching transition",
+                "starting unpatching transition",
+                "completing unpatching transition",
+            ]
         );
-        assert_eq!(log[6], "disabled");
+        assert!(log[9].starts_with("attempt 1: "), "{log:?}");
+        assert_eq!(log[10], "unpatching complete");
+        let times: Vec<u64> = ledger.events().iter().map(|e| e.time_us).collect();
+        assert!(times[0] > 1_600_000_000_000_000, "wall-clock timestamps");
+        assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+    }
+
+    fn with_state(mut b: Bundle, id: u64, version: u32, value: Option<i128>) -> Bundle {
+        b.manifest.replace = true;
+        b.manifest.states.push(crate::manifest::State {
+            id,
+            version,
+            actions: value
+                .map(|value| crate::manifest::StateAction {
+                    symbol: "console_loglevel".into(),
+                    sympos: None,
+                    size: 4,
+                    value,
+                })
+                .into_iter()
+                .collect(),
+        });
+        b
+    }
+
+    fn whats(ledger: &Ledger, bundle: &str) -> Vec<String> {
+        ledger
+            .events()
+            .iter()
+            .filter(|e| e.bundle == bundle && !e.what.starts_with("attempt "))
+            .map(|e| e.what.clone())
+            .collect()
+    }
+
+    /// The kernel's test-state.sh, translated: the callbacks of test_klp_state and
+    /// test_klp_state2 are state actions on console_loglevel.
+    #[test]
+    fn state_actions_run_in_the_kernel_order_and_are_taken_over() {
+        let mut vm = FakeVm::new();
+        let mut ledger = Ledger::new();
+        // ST-1: set up, then released.
+        let st1 = with_state(bundle("state", &["cmdline_proc_show"]), 1, 1, Some(15));
+        apply(&mut vm, &mut ledger, &st1, "d", AREA, &quick(), &|| false).unwrap();
+        assert_eq!(vm.loglevel(), 15);
+        assert_eq!(
+            whats(&ledger, "state"),
+            [
+                "enabling patch",
+                "initializing patching transition",
+                "pre-patch: state 1: setting up (version 1)",
+                "pre-patch: state 1: saved console_loglevel = 7",
+                "starting patching transition",
+                "completing patching transition",
+                "post-patch: state 1: console_loglevel = 15 (was 7)",
+                "patching complete",
+            ]
+        );
+        // ST-2: a cumulative v2 takes the change over; the replaced bundle runs nothing.
+        let mut st2 = with_state(bundle("state2", &["cmdline_proc_show"]), 1, 2, Some(15));
+        st2.manifest.version = 2;
+        apply(
+            &mut vm,
+            &mut ledger,
+            &st2,
+            "d",
+            AREA + 0x10000,
+            &quick(),
+            &|| false,
+        )
+        .unwrap();
+        assert_eq!(vm.loglevel(), 15);
+        assert!(whats(&ledger, "state2").contains(
+            &"pre-patch: state 1: taking over from state (version 1 to 2); saved values kept"
+                .into()
+        ));
+        assert_eq!(
+            whats(&ledger, "state").last().unwrap(),
+            "replaced by state2"
+        );
+        let rec: Vec<_> = ledger.states().collect();
+        assert_eq!(rec.len(), 1);
+        assert_eq!(
+            (rec[0].version, rec[0].holders.clone()),
+            (2, vec!["state2".to_string()])
+        );
+        assert_eq!(rec[0].saved[0].original, 7i32.to_le_bytes());
+        assert_eq!(rec[0].taken_over_from.as_deref(), Some("state"));
+        // ST-4: the v1 cumulative bundle is now incompatible (even with the patch-version
+        // downgrade allowed); nothing changes.
+        let (text, data) = (vm.text.clone(), vm.data.clone());
+        let downgrade = Options {
+            allow_downgrade: true,
+            ..quick()
+        };
+        let err = apply(
+            &mut vm,
+            &mut ledger,
+            &st1,
+            "d",
+            AREA + 0x20000,
+            &downgrade,
+            &|| false,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("not compatible with the already installed livepatches"),
+            "{err}"
+        );
+        assert!(vm.text == text && vm.data == data);
+        // Disabling restores the original saved by the first bundle and releases the state.
+        disable(&mut vm, &mut ledger, "state2", &quick(), &|| false).unwrap();
+        assert_eq!(vm.loglevel(), 7);
+        assert_eq!(ledger.states().count(), 0);
+        let tail: Vec<String> = whats(&ledger, "state2").into_iter().rev().take(6).collect();
+        assert_eq!(
+            tail.into_iter().rev().collect::<Vec<_>>(),
+            [
+                "initializing unpatching transition",
+                "pre-unpatch: state 1: console_loglevel restored to 7 (was 15)",
+                "starting unpatching transition",
+                "completing unpatching transition",
+                "post-unpatch: state 1: released",
+                "unpatching complete",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_state_write_undoes_the_sites_too() {
+        let mut vm = FakeVm::new();
+        // Write 1 is the site, write 2 the variable.
+        vm.fail_write_at = Some(2);
+        let (text, data) = (vm.text.clone(), vm.data.clone());
+        let mut ledger = Ledger::new();
+        let b = with_state(bundle("s", &["cmdline_proc_show"]), 1, 1, Some(15));
+        let err = apply(&mut vm, &mut ledger, &b, "d", AREA, &quick(), &|| false).unwrap_err();
+        assert!(err.to_string().contains("console_loglevel"), "{err}");
+        assert!(vm.text == text && vm.data == data);
+        assert_eq!(ledger.states().count(), 0);
+    }
+
+    #[test]
+    fn a_state_action_on_a_function_is_refused() {
+        let mut vm = FakeVm::new();
+        let mut ledger = Ledger::new();
+        let mut b = with_state(bundle("s", &["cmdline_proc_show"]), 1, 1, Some(1));
+        b.manifest.states[0].actions[0].symbol = "cmdline_proc_show".into();
+        let err = apply(&mut vm, &mut ledger, &b, "d", AREA, &quick(), &|| false).unwrap_err();
+        assert!(err.to_string().contains("not a variable"), "{err}");
+        assert_eq!(vm.pauses, 0);
     }
 
     #[test]

@@ -149,6 +149,12 @@ impl Guest {
         String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
     }
 
+    /// Console output after what earlier waits consumed (not consumed by this call).
+    pub fn output_since_last_wait(&self) -> String {
+        let out = self.output.lock().unwrap();
+        String::from_utf8_lossy(&out[self.consumed.min(out.len())..]).into_owned()
+    }
+
     /// The VMM's own stderr so far.
     pub fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()

@@ -1,5 +1,6 @@
 //! The `vmm` command line.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -10,6 +11,8 @@ use vmm::host_check::{probe_user_syscall, UserSyscall};
 
 #[path = "cli/inspect.rs"]
 mod inspect;
+#[path = "cli/patch.rs"]
+mod patch_report;
 
 #[derive(Parser)]
 #[command(
@@ -110,10 +113,13 @@ struct PatchArgs {
 
 #[derive(Subcommand)]
 enum PatchAction {
-    /// Applied bundles with their functions and status.
+    /// Applied bundles with their functions and status, and the states in force.
     List {
         #[command(flatten)]
         target: ApiTarget,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Revert a bundle, with the same consistency check.
     Disable {
@@ -126,10 +132,13 @@ enum PatchAction {
         #[arg(long)]
         force: bool,
     },
-    /// The ordered event log.
+    /// The ordered event log, with timestamps.
     Events {
         #[command(flatten)]
         target: ApiTarget,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -339,6 +348,34 @@ fn api_call(
     Ok(0)
 }
 
+/// A GET whose JSON body is printed as it is (`json`) or through `human`.
+fn api_report(
+    target: &ApiTarget,
+    path: &str,
+    json: bool,
+    human: fn(&serde_json::Value) -> Vec<String>,
+) -> Result<i32, String> {
+    if json {
+        return api_call(target, "GET", path, None);
+    }
+    let socket = target.socket();
+    let (status, text) =
+        vmm::api::client::request(&socket, "GET", path, None).map_err(|e| e.to_string())?;
+    let body: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("bad API response: {e}"))?;
+    if status >= 400 {
+        let msg = body["error"].as_str().unwrap_or(&text);
+        return Err(format!("{msg} (HTTP {status})"));
+    }
+    let mut out = std::io::stdout().lock();
+    for line in human(&body) {
+        if writeln!(out, "{line}").is_err() {
+            break; // a closed pipe (`| head`) ends the report quietly
+        }
+    }
+    Ok(0)
+}
+
 fn snapshot(target: &ApiTarget, output: &std::path::Path, stop: bool) -> Result<i32, String> {
     let dir = std::path::absolute(output).map_err(|e| format!("{}: {e}", output.display()))?;
     let body = serde_json::json!({"dir": dir, "stop": stop}).to_string();
@@ -347,8 +384,12 @@ fn snapshot(target: &ApiTarget, output: &std::path::Path, stop: bool) -> Result<
 
 fn patch(args: PatchArgs) -> Result<i32, String> {
     match args.action {
-        Some(PatchAction::List { target }) => api_call(&target, "GET", "/patches", None),
-        Some(PatchAction::Events { target }) => api_call(&target, "GET", "/patches/events", None),
+        Some(PatchAction::List { target, json }) => {
+            api_report(&target, "/patches", json, patch_report::list)
+        }
+        Some(PatchAction::Events { target, json }) => {
+            api_report(&target, "/patches/events", json, patch_report::events)
+        }
         Some(PatchAction::Disable {
             target,
             bundle_name,

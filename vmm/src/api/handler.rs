@@ -64,10 +64,7 @@ impl RunningVm {
                 ),
                 Err(e) => (ApiResponse::error(422, e.to_string()), None),
             },
-            ApiRequest::ListPatches => (
-                ApiResponse::ok(json!({ "bundles": self.ledger().bundles() })),
-                None,
-            ),
+            ApiRequest::ListPatches => (ApiResponse::ok(self.patches_json()), None),
             ApiRequest::PatchEvents => (
                 ApiResponse::ok(json!({ "events": self.ledger().events() })),
                 None,

@@ -127,4 +127,30 @@ impl RunningVm {
     pub fn ledger(&self) -> &patcher::ledger::Ledger {
         &self.ledger
     }
+
+    /// `GET /patches`: every bundle with, per function, whether its code is the one that
+    /// runs now (`active`), and the system states in force.
+    pub fn patches_json(&self) -> serde_json::Value {
+        let bundles: Vec<serde_json::Value> = self
+            .ledger
+            .bundles()
+            .iter()
+            .map(|b| {
+                let mut v = serde_json::to_value(b).unwrap_or_default();
+                if let Some(funcs) = v["functions"].as_array_mut() {
+                    for (f, rec) in funcs.iter_mut().zip(&b.functions) {
+                        f["active"] = serde_json::Value::Bool(
+                            self.ledger.active_target(rec.site)
+                                == Some((b.name.as_str(), rec.new_addr)),
+                        );
+                    }
+                }
+                v
+            })
+            .collect();
+        serde_json::json!({
+            "bundles": bundles,
+            "states": self.ledger.states().collect::<Vec<_>>(),
+        })
+    }
 }

@@ -114,6 +114,25 @@ impl PatchTarget for LiveTarget<'_> {
             .map_err(lookup_msg)
     }
 
+    fn data_symbol(&self, name: &str, sympos: Option<u32>) -> Result<u64, String> {
+        let s = self
+            .guest
+            .kernel
+            .symbols
+            .lookup(name, sympos)
+            .map_err(|e| e.to_string())?;
+        // Initialised data and bss of the kernel image; not read-only data, not text,
+        // not per-CPU offsets.
+        if !matches!(s.kind, 'd' | 'D' | 'b' | 'B') {
+            return Err(format!(
+                "{name} is not a writable kernel variable (type {})",
+                s.kind
+            ));
+        }
+        self.image_pa(s.addr, 8)?;
+        Ok(s.addr)
+    }
+
     fn patch_area(&self) -> (u64, u64) {
         self.area.usable()
     }
@@ -207,6 +226,24 @@ impl PatchTarget for LiveTarget<'_> {
             .vm
             .memory()
             .read_slice(buf, GuestAddress(pa))
+            .map_err(|e| e.to_string())
+    }
+
+    fn write_kernel_data(&mut self, addr: u64, bytes: &[u8]) -> Result<(), String> {
+        let pa = self.image_pa(addr, bytes.len())?;
+        if self
+            .vm
+            .text_guard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .touches_site(pa, bytes.len() as u64)
+        {
+            return Err(format!("{addr:#x} is a guarded redirection site"));
+        }
+        self.vm
+            .vm
+            .memory()
+            .write_slice(bytes, GuestAddress(pa))
             .map_err(|e| e.to_string())
     }
 

@@ -12,8 +12,8 @@ use crate::vstate::vcpu::{self, Vcpu};
 use crate::vstate::vm::{self, Vm};
 
 use super::snapshot::{
-    check_cpu_template, check_disk, disk_identity, disk_mtime, LivePatchState, SnapshotError, VmSnapshot,
-    MEMORY_FILE, STATE_FILE,
+    check_cpu_template, check_disk, disk_identity, disk_mtime, LivePatchState, SnapshotError,
+    VmSnapshot, MEMORY_FILE, STATE_FILE,
 };
 use super::{memory_file, state_file, vcpu_state, vm_state};
 
