@@ -93,6 +93,26 @@ pub struct BundleRecord {
     /// The bundle's state actions, resolved (what it writes while it holds a state).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub actions: Vec<ResolvedAction>,
+    /// Where its code and data sit in the patch area; `None` once released.
+    #[serde(default)]
+    pub memory: Option<PatchMemory>,
+    /// A forced transition ran while it was applied, so a task may still be in its code:
+    /// its memory is never released (the kernel keeps a forced patch's module loaded).
+    #[serde(default)]
+    pub pinned: bool,
+}
+
+/// A bundle's linked images in the patch area: `size` bytes from `base`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PatchMemory {
+    pub base: u64,
+    pub size: u64,
+}
+
+impl PatchMemory {
+    pub fn end(&self) -> u64 {
+        self.base.saturating_add(self.size)
+    }
 }
 
 /// One function of a bundle.
@@ -161,6 +181,10 @@ pub struct Ledger {
     /// System states in force, by id.
     #[serde(default)]
     states: BTreeMap<u64, StateRecord>,
+    /// Patch memory held by no bundle record but never to be reused: pinned memory of a
+    /// record that was dropped, or an older snapshot's area without per-bundle records.
+    #[serde(default)]
+    reserved: Vec<PatchMemory>,
 }
 
 impl Ledger {
@@ -181,6 +205,81 @@ impl Ledger {
     /// System states in force.
     pub fn states(&self) -> impl Iterator<Item = &StateRecord> {
         self.states.values()
+    }
+
+    /// Patch memory in use: every bundle's that is not released, and the reserved ranges.
+    pub fn memory_in_use(&self) -> Vec<PatchMemory> {
+        let mut used: Vec<PatchMemory> = self
+            .bundles
+            .iter()
+            .filter_map(|b| b.memory)
+            .chain(self.reserved.iter().copied())
+            .collect();
+        used.sort_by_key(|m| m.base);
+        used
+    }
+
+    /// First fit for `size` bytes (page-granular) in the patch area `(base, size)`.
+    pub fn place(&self, area: (u64, u64), size: u64) -> Option<u64> {
+        const PAGE: u64 = 4096;
+        let size = size.max(1).checked_next_multiple_of(PAGE)?;
+        let (area_base, area_size) = area;
+        let area_end = area_base.checked_add(area_size)?;
+        let mut at = area_base.checked_next_multiple_of(PAGE)?;
+        for used in self.memory_in_use() {
+            if used.base >= at.checked_add(size)? {
+                break;
+            }
+            at = at.max(used.end().checked_next_multiple_of(PAGE)?);
+        }
+        (at.checked_add(size)? <= area_end).then_some(at)
+    }
+
+    /// Keeps `memory` out of every future placement (see `reserved`).
+    pub fn reserve(&mut self, memory: PatchMemory) {
+        if memory.size > 0 {
+            self.reserved.push(memory);
+        }
+    }
+
+    /// Releases the memory of bundle records that no longer run, unless pinned, and
+    /// logs it. Returns what was released, for the caller to clear.
+    fn release_retired(&mut self, names: &[String]) -> Vec<PatchMemory> {
+        let mut released = Vec::new();
+        let mut notes = Vec::new();
+        for b in self
+            .bundles
+            .iter_mut()
+            .filter(|b| names.contains(&b.name) && b.status != BundleStatus::Enabled)
+        {
+            let Some(m) = b.memory else { continue };
+            if b.pinned {
+                notes.push((
+                    b.name.clone(),
+                    format!(
+                        "patch memory kept ({} KiB at {:#x}): a forced transition may have left \
+                         tasks in it",
+                        m.size / 1024,
+                        m.base
+                    ),
+                ));
+                continue;
+            }
+            b.memory = None;
+            released.push(m);
+            notes.push((
+                b.name.clone(),
+                format!(
+                    "patch memory released ({} KiB at {:#x})",
+                    m.size / 1024,
+                    m.base
+                ),
+            ));
+        }
+        for (name, what) in notes {
+            self.log(&name, what);
+        }
+        released
     }
 
     fn enabled(&self) -> impl Iterator<Item = &BundleRecord> {
@@ -333,6 +432,12 @@ impl Ledger {
                 }
             }
             replaces = self.enabled().map(|b| b.name.clone()).collect();
+            // Their memory is released when the transition completes: nothing may be in it.
+            for b in self.enabled() {
+                if let Some(m) = b.memory {
+                    busy.push((m.base, m.end(), format!("patch memory of {}", b.name)));
+                }
+            }
         }
         let declared: Vec<(u64, u32)> = manifest.states.iter().map(|s| (s.id, s.version)).collect();
         let states =
@@ -352,15 +457,18 @@ impl Ledger {
         })
     }
 
-    /// Records a completed apply (`forced` when the consistency check was skipped).
+    /// Records a completed apply (`forced` when the consistency check was skipped) of a
+    /// bundle loaded at `memory` (`None` for a bundle without code or data). Returns the patch memory of the bundles it retired that
+    /// is now free: the caller clears it.
     pub fn commit_apply(
         &mut self,
         manifest: &Manifest,
         digest: &str,
         functions: &[ResolvedFunction],
         transition: &Transition,
+        memory: Option<PatchMemory>,
         forced: bool,
-    ) {
+    ) -> Vec<PatchMemory> {
         let originals: BTreeMap<u64, [u8; SITE_LEN]> = transition
             .writes
             .iter()
@@ -396,6 +504,21 @@ impl Ledger {
                 .push((manifest.name.clone(), f.new_addr, f.new_size));
         }
         let order = self.enabled().count() + 1;
+        // A forced transition leaves every bundle applied so far pinned (klp_force_transition
+        // marks every patch forced).
+        if forced {
+            for b in self.bundles.iter_mut().filter(|b| b.memory.is_some()) {
+                b.pinned = true;
+            }
+        }
+        // An earlier record of the same name is dropped; pinned memory stays reserved.
+        let dropped: Vec<PatchMemory> = self
+            .bundles
+            .iter()
+            .filter(|b| b.name == manifest.name && b.status != BundleStatus::Enabled)
+            .filter_map(|b| b.memory)
+            .collect();
+        self.reserved.extend(dropped);
         self.bundles
             .retain(|b| !(b.name == manifest.name && b.status != BundleStatus::Enabled));
         self.bundles.push(BundleRecord {
@@ -420,6 +543,8 @@ impl Ledger {
             forced,
             stack_order: order,
             actions: transition.actions.clone(),
+            memory,
+            pinned: forced,
         });
         for state in &manifest.states {
             let previous = self
@@ -459,6 +584,7 @@ impl Ledger {
                 "patching complete"
             },
         );
+        self.release_retired(&transition.replaces)
     }
 
     /// Plans disabling an enabled bundle whose states carry no actions.
@@ -519,6 +645,10 @@ impl Ledger {
                 None => redirect::plan_revert(&f.old, f.site, now, f.new_addr, site.original)?,
             });
         }
+        // Its memory is released when the transition completes: nothing may be in it.
+        if let Some(m) = bundle.memory {
+            busy.push((m.base, m.end(), format!("patch memory of {name}")));
+        }
         let declared: Vec<u64> = bundle.states.iter().map(|s| s.0).collect();
         let actions_of = |holder: &str, id: u64| -> Vec<&ResolvedAction> {
             self.enabled()
@@ -543,8 +673,14 @@ impl Ledger {
         })
     }
 
-    /// Records a completed disable.
-    pub fn commit_disable(&mut self, name: &str, forced: bool) {
+    /// Records a completed disable. Returns the bundle's patch memory when it is now free
+    /// (the caller clears it).
+    pub fn commit_disable(&mut self, name: &str, forced: bool) -> Vec<PatchMemory> {
+        if forced {
+            for b in self.bundles.iter_mut().filter(|b| b.memory.is_some()) {
+                b.pinned = true;
+            }
+        }
         for s in self.sites.values_mut() {
             s.stack.retain(|(owner, ..)| owner != name);
         }
@@ -569,6 +705,7 @@ impl Ledger {
                 "unpatching complete"
             },
         );
+        self.release_retired(&[name.to_string()])
     }
 
     /// The function a site runs now: `None` when it runs its original code.
@@ -655,7 +792,15 @@ mod tests {
     fn apply(l: &mut Ledger, text: &mut Text, m: &Manifest, f: &[ResolvedFunction]) {
         let t = l.plan_apply(m, f, |s| text.get(s)).unwrap();
         text.apply(&t);
-        l.commit_apply(m, "digest", f, &t, false);
+        l.commit_apply(m, "digest", f, &t, Some(mem_of(f)), false);
+    }
+
+    /// The page of the patch area the test functions of `f` sit in.
+    fn mem_of(f: &[ResolvedFunction]) -> PatchMemory {
+        PatchMemory {
+            base: f[0].new_addr & !0xfff,
+            size: 0x1000,
+        }
     }
 
     #[test]
@@ -683,7 +828,14 @@ mod tests {
             Err(LedgerError::NotApplied(_))
         ));
         let log: Vec<&str> = l.events().iter().map(|e| e.what.as_str()).collect();
-        assert_eq!(log, ["patching complete", "unpatching complete"]);
+        assert_eq!(
+            log,
+            [
+                "patching complete",
+                "unpatching complete",
+                "patch memory released (4 KiB at 0xffffffffc0000000)"
+            ]
+        );
     }
 
     #[test]
@@ -709,7 +861,7 @@ mod tests {
         // Taking over from bundle one makes its new code busy too.
         assert!(t2.busy_ranges.iter().any(|r| r.0 == f1[0].new_addr));
         text.apply(&t2);
-        l.commit_apply(&m2, "d2", &f2, &t2, false);
+        l.commit_apply(&m2, "d2", &f2, &t2, Some(mem_of(&f2)), false);
         assert_eq!(l.active_target(CMDLINE), Some(("two", f2[0].new_addr)));
         // The first is below the second for cmdline_proc_show: it cannot go first.
         assert_eq!(
@@ -774,7 +926,7 @@ mod tests {
         let t = l.plan_apply(&m, &f, |s| text.get(s)).unwrap();
         assert_eq!(t.replaces, vec!["one".to_string()]);
         text.apply(&t);
-        l.commit_apply(&m, "d", &f, &t, false);
+        l.commit_apply(&m, "d", &f, &t, Some(mem_of(&f)), false);
         assert_eq!(text.get(CMDLINE), NOP5);
         assert_eq!(
             text.get(MEMINFO),
@@ -919,5 +1071,117 @@ mod tests {
         assert!(l.plan_apply(&plain_without, &f, |s| text.get(s)).is_ok());
         let same = manifest("same", true, &["meminfo_proc_show"], &[(7, 2)]);
         assert!(l.plan_apply(&same, &f, |s| text.get(s)).is_ok());
+    }
+
+    const AREA: (u64, u64) = (0xffff_ffff_c000_0000, 0x10_0000);
+
+    #[test]
+    fn placement_is_first_fit_and_reuses_released_memory() {
+        let (mut l, mut text) = (Ledger::new(), Text::new());
+        assert_eq!(l.place(AREA, 0x1800), Some(AREA.0));
+        let one = resolved(&[("cmdline_proc_show", CMDLINE)], AREA.0);
+        apply(
+            &mut l,
+            &mut text,
+            &manifest("one", false, &["cmdline_proc_show"], &[]),
+            &one,
+        );
+        // One page in use: the next bundle goes right after it.
+        assert_eq!(l.place(AREA, 0x1800), Some(AREA.0 + 0x1000));
+        let two = resolved(&[("meminfo_proc_show", MEMINFO)], AREA.0 + 0x1000);
+        apply(
+            &mut l,
+            &mut text,
+            &manifest("two", false, &["meminfo_proc_show"], &[]),
+            &two,
+        );
+        // Disabling the first frees its page, which fits a one-page bundle but not two pages.
+        let t = l.plan_disable("one", |s| text.get(s)).unwrap();
+        assert!(t
+            .busy_ranges
+            .iter()
+            .any(|r| r.0 == AREA.0 && r.1 == AREA.0 + 0x1000));
+        text.apply(&t);
+        assert_eq!(l.commit_disable("one", false), vec![mem_of(&one)]);
+        assert_eq!(l.bundles()[0].memory, None);
+        assert_eq!(l.place(AREA, 0x1000), Some(AREA.0));
+        assert_eq!(l.place(AREA, 0x2000), Some(AREA.0 + 0x2000));
+        // Nothing fits a request larger than what is left of the area.
+        assert_eq!(l.place(AREA, AREA.1), None);
+        assert!(l
+            .events()
+            .iter()
+            .any(|e| e.bundle == "one" && e.what.starts_with("patch memory released (4 KiB")));
+    }
+
+    #[test]
+    fn a_replace_checks_and_releases_the_memory_of_what_it_retires() {
+        let (mut l, mut text) = (Ledger::new(), Text::new());
+        let one = resolved(&[("cmdline_proc_show", CMDLINE)], AREA.0);
+        apply(
+            &mut l,
+            &mut text,
+            &manifest("one", false, &["cmdline_proc_show"], &[]),
+            &one,
+        );
+        let two = resolved(&[("meminfo_proc_show", MEMINFO)], AREA.0 + 0x1000);
+        apply(
+            &mut l,
+            &mut text,
+            &manifest("two", false, &["meminfo_proc_show"], &[]),
+            &two,
+        );
+        let m = manifest("cumulative", true, &["meminfo_proc_show"], &[]);
+        let f = resolved(&[("meminfo_proc_show", MEMINFO)], AREA.0 + 0x2000);
+        let t = l.plan_apply(&m, &f, |s| text.get(s)).unwrap();
+        for retired in [AREA.0, AREA.0 + 0x1000] {
+            assert!(t
+                .busy_ranges
+                .iter()
+                .any(|r| r.0 == retired && r.1 == retired + 0x1000));
+        }
+        text.apply(&t);
+        let released = l.commit_apply(&m, "d", &f, &t, Some(mem_of(&f)), false);
+        assert_eq!(released, vec![mem_of(&one), mem_of(&two)]);
+        assert_eq!(l.memory_in_use(), vec![mem_of(&f)]);
+        assert_eq!(l.place(AREA, 0x2000), Some(AREA.0));
+    }
+
+    #[test]
+    fn a_forced_transition_pins_every_bundle_it_saw() {
+        let (mut l, mut text) = (Ledger::new(), Text::new());
+        let one = resolved(&[("cmdline_proc_show", CMDLINE)], AREA.0);
+        apply(
+            &mut l,
+            &mut text,
+            &manifest("one", false, &["cmdline_proc_show"], &[]),
+            &one,
+        );
+        let m = manifest("forced", false, &["meminfo_proc_show"], &[]);
+        let f = resolved(&[("meminfo_proc_show", MEMINFO)], AREA.0 + 0x1000);
+        let t = l.plan_apply(&m, &f, |s| text.get(s)).unwrap();
+        text.apply(&t);
+        assert!(l
+            .commit_apply(&m, "d", &f, &t, Some(mem_of(&f)), true)
+            .is_empty());
+        // "one" was applied when the check was skipped: its memory is kept after a disable.
+        let t = l.plan_disable("one", |s| text.get(s)).unwrap();
+        text.apply(&t);
+        assert!(l.commit_disable("one", false).is_empty());
+        assert_eq!(l.memory_in_use().len(), 2);
+        assert!(l
+            .events()
+            .iter()
+            .any(|e| e.bundle == "one" && e.what.starts_with("patch memory kept")));
+        // Re-applying a bundle of the same name drops the old record but not its memory.
+        let again = resolved(&[("cmdline_proc_show", CMDLINE)], AREA.0 + 0x2000);
+        apply(
+            &mut l,
+            &mut text,
+            &manifest("one", false, &["cmdline_proc_show"], &[]),
+            &again,
+        );
+        assert_eq!(l.memory_in_use().len(), 3);
+        assert_eq!(l.place(AREA, 0x1000), Some(AREA.0 + 0x3000));
     }
 }

@@ -104,18 +104,11 @@ fn region_of(section: &object::Section<'_, '_>) -> Option<Region> {
     }
 }
 
-/// Links `object` at `base` (page aligned) into an area of `area_size` bytes.
-/// `sympos` gives the position for kernel symbols whose names are not unique.
-pub fn link(
-    object: &[u8],
-    base: u64,
-    area_size: u64,
-    resolver: &dyn SymbolResolver,
-    sympos: &HashMap<String, u32>,
-) -> Result<LinkedPatch, LinkError> {
-    let file = object::File::parse(object).map_err(|e| LinkError::Format(e.to_string()))?;
+/// Where each allocated section goes within its region, and the regions' sizes.
+type Layout = (HashMap<SectionIndex, (Region, u64)>, [u64; 3]);
 
-    // Layout: each allocated section at its alignment within its region.
+/// Lays out each allocated section at its alignment within its region.
+fn layout(file: &object::File<'_>) -> Layout {
     let mut offsets: HashMap<SectionIndex, (Region, u64)> = HashMap::new();
     let mut sizes = [0u64; 3];
     for section in file.sections() {
@@ -131,6 +124,33 @@ pub fn link(
         offsets.insert(section.index(), (region, off));
         sizes[r] = off.saturating_add(section.size());
     }
+    (offsets, sizes)
+}
+
+/// How many bytes of the patch area `object` needs once linked (its three page-rounded
+/// images), so that a place can be chosen before linking.
+pub fn footprint(object: &[u8]) -> Result<u64, LinkError> {
+    let file = object::File::parse(object).map_err(|e| LinkError::Format(e.to_string()))?;
+    let (_, sizes) = layout(&file);
+    sizes
+        .iter()
+        .try_fold(0u64, |acc, &s| {
+            acc.checked_add(s.checked_next_multiple_of(PAGE)?)
+        })
+        .ok_or_else(|| LinkError::Format("section sizes overflow".into()))
+}
+
+/// Links `object` at `base` (page aligned) into an area of `area_size` bytes.
+/// `sympos` gives the position for kernel symbols whose names are not unique.
+pub fn link(
+    object: &[u8],
+    base: u64,
+    area_size: u64,
+    resolver: &dyn SymbolResolver,
+    sympos: &HashMap<String, u32>,
+) -> Result<LinkedPatch, LinkError> {
+    let file = object::File::parse(object).map_err(|e| LinkError::Format(e.to_string()))?;
+    let (offsets, sizes) = layout(&file);
     // Sizes come from the object's headers: bound them before any arithmetic or
     // allocation depends on them.
     if sizes.iter().any(|&s| s > area_size) {

@@ -3,6 +3,7 @@
 //! patch path); tests implement it over an in-memory fake.
 
 use crate::consistency::TaskStack;
+use crate::ledger::PatchMemory;
 use crate::linker::LinkedPatch;
 
 /// A guest kernel function found by name.
@@ -31,8 +32,9 @@ pub trait PatchTarget {
     fn patch_area(&self) -> (u64, u64);
     /// Places a linked patch (RX text, RO rodata, RW data) in the patch area.
     fn load_patch(&mut self, patch: &LinkedPatch) -> Result<(), String>;
-    /// Removes a patch that was loaded but never referenced, restoring the area's bytes.
-    fn unload_patch(&mut self, patch: &LinkedPatch) -> Result<(), String>;
+    /// Zeroes patch memory that nothing runs or references: a patch that was loaded but
+    /// never redirected to, or the memory of a bundle a transition retired.
+    fn clear_patch_memory(&mut self, memory: PatchMemory) -> Result<(), String>;
     /// Stops every vCPU outside guest execution.
     fn pause(&mut self) -> Result<(), String>;
     fn resume(&mut self) -> Result<(), String>;

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use crate::bundle::Bundle;
 use crate::consistency::{self, Blocker};
-use crate::ledger::{Ledger, LedgerError, ResolvedFunction, Transition, TransitionKind};
+use crate::ledger::{
+    Ledger, LedgerError, PatchMemory, ResolvedFunction, Transition, TransitionKind,
+};
 use crate::linker::{self, LinkError, LinkedPatch, SymbolResolver};
 use crate::redirect::SITE_LEN;
 use crate::system_state::ResolvedAction;
@@ -273,14 +275,13 @@ fn run<T: PatchTarget>(
     }
 }
 
-/// Applies a bundle. The patch area's next free address comes from the ledger's
-/// loaded bundles.
+/// Applies a bundle. It is placed at the first free space of the patch area that fits
+/// (the ledger knows which memory the applied bundles hold).
 pub fn apply<T: PatchTarget>(
     target: &mut T,
     ledger: &mut Ledger,
     bundle: &Bundle,
     digest: &str,
-    area_next: u64,
     opts: &Options,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<LinkedPatch, TransitionError> {
@@ -347,16 +348,34 @@ pub fn apply<T: PatchTarget>(
             });
         }
     }
-    let (area_base, area_size) = target.patch_area();
-    let available = (area_base + area_size).saturating_sub(area_next);
+    let area = target.patch_area();
+    let need = linker::footprint(&bundle.object).map_err(|e| reject(ledger, e.into()))?;
+    let Some(base) = ledger.place(area, need) else {
+        let free = area
+            .1
+            .saturating_sub(ledger.memory_in_use().iter().map(|m| m.size).sum());
+        return Err(reject(
+            ledger,
+            linker::LinkError::TooBig {
+                needed: need,
+                available: free,
+            }
+            .into(),
+        ));
+    };
     let linked = linker::link(
         &bundle.object,
-        area_next,
-        available,
+        base,
+        need,
         &Resolver(target),
         &HashMap::new(),
     )
     .map_err(|e| reject(ledger, e.into()))?;
+    // A bundle of state actions alone has no code or data and holds no memory.
+    let memory = (linked.size() > 0).then_some(PatchMemory {
+        base,
+        size: linked.size(),
+    });
     let mut resolved = Vec::with_capacity(m.functions.len());
     for (f, old) in m.functions.iter().zip(&olds) {
         let &(new_addr, new_size) = linked.functions.get(&f.new).ok_or_else(|| {
@@ -418,11 +437,14 @@ pub fn apply<T: PatchTarget>(
     );
     match result {
         Ok(t) => {
-            ledger.commit_apply(m, digest, &resolved, &t, opts.force);
+            let released = ledger.commit_apply(m, digest, &resolved, &t, memory, opts.force);
+            clear_released(target, ledger, released);
             Ok(linked)
         }
         Err(e) => {
-            let _ = target.unload_patch(&linked);
+            if let Some(memory) = memory {
+                let _ = target.clear_patch_memory(memory);
+            }
             Err(e)
         }
     }
@@ -456,8 +478,23 @@ pub fn disable<T: PatchTarget>(
             )?)
         },
     )?;
-    ledger.commit_disable(name, opts.force);
+    let released = ledger.commit_disable(name, opts.force);
+    clear_released(target, ledger, released);
     Ok(())
+}
+
+/// Zeroes patch memory nothing runs or references any more (the transition that retired
+/// it cleared the consistency check for it). A failure is only logged: the memory is free
+/// in the ledger either way and the next bundle placed there overwrites it.
+fn clear_released<T: PatchTarget>(target: &mut T, ledger: &mut Ledger, released: Vec<PatchMemory>) {
+    for m in released {
+        if let Err(e) = target.clear_patch_memory(m) {
+            ledger.log(
+                "",
+                format!("could not clear patch memory at {:#x}: {e}", m.base),
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -569,9 +606,9 @@ mod tests {
             }
             Ok(())
         }
-        fn unload_patch(&mut self, p: &LinkedPatch) -> Result<(), String> {
-            let o = (p.base - AREA) as usize;
-            self.area[o..o + p.size() as usize].fill(0);
+        fn clear_patch_memory(&mut self, m: PatchMemory) -> Result<(), String> {
+            let o = (m.base - AREA) as usize;
+            self.area[o..o + m.size as usize].fill(0);
             Ok(())
         }
         fn pause(&mut self) -> Result<(), String> {
@@ -712,7 +749,7 @@ mod tests {
         let original = vm.text.clone();
         let mut ledger = Ledger::new();
         let b = bundle("cmdline", &["cmdline_proc_show"]);
-        let linked = apply(&mut vm, &mut ledger, &b, "d", AREA, &quick(), &|| false).unwrap();
+        let linked = apply(&mut vm, &mut ledger, &b, "d", &quick(), &|| false).unwrap();
         let (new, _) = linked.functions["new_cmdline_proc_show"];
         assert_eq!(vm.site(CMDLINE), jmp_rel32(CMDLINE, new).unwrap());
         assert_eq!(&vm.area[..5], &NOP5, "patch code loaded, fentry NOPed");
@@ -720,7 +757,7 @@ mod tests {
         assert_eq!(vm.text, original);
         let log: Vec<&str> = ledger.events().iter().map(|e| e.what.as_str()).collect();
         // The kernel's transcript (functions.sh), plus the host's per-attempt line.
-        assert_eq!(log.len(), 11, "{log:?}");
+        assert_eq!(log.len(), 12, "{log:?}");
         assert_eq!(
             &log[..4],
             [
@@ -746,6 +783,13 @@ mod tests {
         );
         assert!(log[9].starts_with("attempt 1: "), "{log:?}");
         assert_eq!(log[10], "unpatching complete");
+        // Its memory in the patch area is free again, and zeroed.
+        assert_eq!(
+            log[11],
+            format!("patch memory released (8 KiB at {AREA:#x})")
+        );
+        assert!(vm.area.iter().all(|&b| b == 0));
+        assert!(ledger.memory_in_use().is_empty());
         let times: Vec<u64> = ledger.events().iter().map(|e| e.time_us).collect();
         assert!(times[0] > 1_600_000_000_000_000, "wall-clock timestamps");
         assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
@@ -786,7 +830,7 @@ mod tests {
         let mut ledger = Ledger::new();
         // ST-1: set up, then released.
         let st1 = with_state(bundle("state", &["cmdline_proc_show"]), 1, 1, Some(15));
-        apply(&mut vm, &mut ledger, &st1, "d", AREA, &quick(), &|| false).unwrap();
+        apply(&mut vm, &mut ledger, &st1, "d", &quick(), &|| false).unwrap();
         assert_eq!(vm.loglevel(), 15);
         assert_eq!(
             whats(&ledger, "state"),
@@ -804,25 +848,15 @@ mod tests {
         // ST-2: a cumulative v2 takes the change over; the replaced bundle runs nothing.
         let mut st2 = with_state(bundle("state2", &["cmdline_proc_show"]), 1, 2, Some(15));
         st2.manifest.version = 2;
-        apply(
-            &mut vm,
-            &mut ledger,
-            &st2,
-            "d",
-            AREA + 0x10000,
-            &quick(),
-            &|| false,
-        )
-        .unwrap();
+        apply(&mut vm, &mut ledger, &st2, "d", &quick(), &|| false).unwrap();
         assert_eq!(vm.loglevel(), 15);
         assert!(whats(&ledger, "state2").contains(
             &"pre-patch: state 1: taking over from state (version 1 to 2); saved values kept"
                 .into()
         ));
-        assert_eq!(
-            whats(&ledger, "state").last().unwrap(),
-            "replaced by state2"
-        );
+        let retired = whats(&ledger, "state");
+        assert_eq!(retired[retired.len() - 2], "replaced by state2");
+        assert!(retired[retired.len() - 1].starts_with("patch memory released"));
         let rec: Vec<_> = ledger.states().collect();
         assert_eq!(rec.len(), 1);
         assert_eq!(
@@ -838,16 +872,7 @@ mod tests {
             allow_downgrade: true,
             ..quick()
         };
-        let err = apply(
-            &mut vm,
-            &mut ledger,
-            &st1,
-            "d",
-            AREA + 0x20000,
-            &downgrade,
-            &|| false,
-        )
-        .unwrap_err();
+        let err = apply(&mut vm, &mut ledger, &st1, "d", &downgrade, &|| false).unwrap_err();
         assert!(
             err.to_string()
                 .contains("not compatible with the already installed livepatches"),
@@ -858,7 +883,7 @@ mod tests {
         disable(&mut vm, &mut ledger, "state2", &quick(), &|| false).unwrap();
         assert_eq!(vm.loglevel(), 7);
         assert_eq!(ledger.states().count(), 0);
-        let tail: Vec<String> = whats(&ledger, "state2").into_iter().rev().take(6).collect();
+        let tail: Vec<String> = whats(&ledger, "state2").into_iter().rev().take(7).collect();
         assert_eq!(
             tail.into_iter().rev().collect::<Vec<_>>(),
             [
@@ -868,6 +893,8 @@ mod tests {
                 "completing unpatching transition",
                 "post-unpatch: state 1: released",
                 "unpatching complete",
+                // Placed after the first bundle, which was still loaded then.
+                &format!("patch memory released (8 KiB at {:#x})", AREA + 0x2000),
             ]
         );
     }
@@ -880,7 +907,7 @@ mod tests {
         let (text, data) = (vm.text.clone(), vm.data.clone());
         let mut ledger = Ledger::new();
         let b = with_state(bundle("s", &["cmdline_proc_show"]), 1, 1, Some(15));
-        let err = apply(&mut vm, &mut ledger, &b, "d", AREA, &quick(), &|| false).unwrap_err();
+        let err = apply(&mut vm, &mut ledger, &b, "d", &quick(), &|| false).unwrap_err();
         assert!(err.to_string().contains("console_loglevel"), "{err}");
         assert!(vm.text == text && vm.data == data);
         assert_eq!(ledger.states().count(), 0);
@@ -892,7 +919,7 @@ mod tests {
         let mut ledger = Ledger::new();
         let mut b = with_state(bundle("s", &["cmdline_proc_show"]), 1, 1, Some(1));
         b.manifest.states[0].actions[0].symbol = "cmdline_proc_show".into();
-        let err = apply(&mut vm, &mut ledger, &b, "d", AREA, &quick(), &|| false).unwrap_err();
+        let err = apply(&mut vm, &mut ledger, &b, "d", &quick(), &|| false).unwrap_err();
         assert!(err.to_string().contains("not a variable"), "{err}");
         assert_eq!(vm.pauses, 0);
     }
@@ -903,7 +930,7 @@ mod tests {
         vm.blocked_attempts.set(2);
         let mut ledger = Ledger::new();
         let b = bundle("cmdline", &["cmdline_proc_show"]);
-        apply(&mut vm, &mut ledger, &b, "d", AREA, &quick(), &|| false).unwrap();
+        apply(&mut vm, &mut ledger, &b, "d", &quick(), &|| false).unwrap();
         assert_eq!(vm.pauses, 3);
         assert!(ledger.events().iter().any(|e| e.what.contains(
             "blocked by: pid 42 (cat) is inside cmdline_proc_show: cmdline_proc_show+0x20"
@@ -917,7 +944,7 @@ mod tests {
         let (text, area) = (vm.text.clone(), vm.area.clone());
         let mut ledger = Ledger::new();
         let b = bundle("cmdline", &["cmdline_proc_show"]);
-        let err = apply(&mut vm, &mut ledger, &b, "d", AREA, &quick(), &|| false).unwrap_err();
+        let err = apply(&mut vm, &mut ledger, &b, "d", &quick(), &|| false).unwrap_err();
         assert!(
             err.to_string().contains("blocked by: pid 42 (cat)"),
             "{err}"
@@ -929,7 +956,7 @@ mod tests {
             force: true,
             ..quick()
         };
-        apply(&mut vm, &mut ledger, &b, "d", AREA, &forced, &|| false).unwrap();
+        apply(&mut vm, &mut ledger, &b, "d", &forced, &|| false).unwrap();
         assert!(ledger.bundles()[0].forced);
     }
 
@@ -940,7 +967,7 @@ mod tests {
         let (text, area) = (vm.text.clone(), vm.area.clone());
         let mut ledger = Ledger::new();
         let b = bundle("two", &["cmdline_proc_show", "meminfo_proc_show"]);
-        let err = apply(&mut vm, &mut ledger, &b, "d", AREA, &quick(), &|| false).unwrap_err();
+        let err = apply(&mut vm, &mut ledger, &b, "d", &quick(), &|| false).unwrap_err();
         assert!(matches!(err, TransitionError::WriteFailed { .. }), "{err}");
         assert!(vm.text == text && vm.area == area);
     }
@@ -956,7 +983,6 @@ mod tests {
             &mut ledger,
             &bundle("a", &["cmdline_proc_show"]),
             "d",
-            AREA,
             &quick(),
             &|| false,
         )
@@ -971,7 +997,6 @@ mod tests {
             &mut ledger,
             &bundle("b", &["no_such_function"]),
             "d",
-            AREA,
             &quick(),
             &|| false,
         )
@@ -982,17 +1007,8 @@ mod tests {
         );
         assert!(vm.text == text && vm.area == area && vm.pauses == 0);
         let b = bundle("c", &["cmdline_proc_show"]);
-        apply(&mut vm, &mut ledger, &b, "d", AREA, &quick(), &|| false).unwrap();
-        let err = apply(
-            &mut vm,
-            &mut ledger,
-            &b,
-            "d",
-            AREA + 0x10000,
-            &quick(),
-            &|| false,
-        )
-        .unwrap_err();
+        apply(&mut vm, &mut ledger, &b, "d", &quick(), &|| false).unwrap();
+        let err = apply(&mut vm, &mut ledger, &b, "d", &quick(), &|| false).unwrap_err();
         assert!(err.to_string().contains("already applied"), "{err}");
         assert!(ledger
             .events()

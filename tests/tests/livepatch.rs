@@ -13,13 +13,20 @@ use serde_json::Value;
 const T: Duration = Duration::from_secs(300);
 
 fn build_bundle(sample: &str, source: &str) -> String {
+    build_bundle_from(sample, "manifest.json", source)
+}
+
+fn build_bundle_from(sample: &str, manifest: &str, source: &str) -> String {
     let dir = workspace_root().join("guest-images/patches").join(sample);
-    let out = std::env::temp_dir().join(format!("vmm-{sample}-{}.bundle", std::process::id()));
+    let out = std::env::temp_dir().join(format!(
+        "vmm-{sample}-{manifest}-{}.bundle",
+        std::process::id()
+    ));
     let (status, _, err) = run_vmm(
         &[
             "bundle",
             "build",
-            dir.join("manifest.json").to_str().unwrap(),
+            dir.join(manifest).to_str().unwrap(),
             dir.join(source).to_str().unwrap(),
             "-o",
             out.to_str().unwrap(),
@@ -77,6 +84,7 @@ fn patch_a_sysrq_handler_and_revert_it() {
     std::thread::sleep(Duration::from_secs(2));
     let list = json(&api(&s, "GET", "/patches", "").1);
     assert_eq!(list["bundles"][0]["status"], "enabled");
+    let first_place = list["bundles"][0]["memory"]["base"].as_u64().unwrap();
     // The redirected entry is write-protected (a read-only memory slot + the text guard).
     let guard = &json(&api(&s, "GET", "/vm", "").1)["text_guard"];
     assert_eq!(guard["protected_sites"], 1, "{guard}");
@@ -124,6 +132,15 @@ fn patch_a_sysrq_handler_and_revert_it() {
         .copied()
         .filter(|w| !w.starts_with("attempt "))
         .collect();
+    // Its patch memory is free again once the disable has cleared the stack check.
+    assert!(
+        transcript
+            .last()
+            .unwrap()
+            .starts_with("patch memory released ("),
+        "{transcript:?}"
+    );
+    let transcript = &transcript[..transcript.len() - 1];
     assert_eq!(
         transcript,
         [
@@ -147,6 +164,25 @@ fn patch_a_sysrq_handler_and_revert_it() {
         r#"{"name":"sysrq-showmem-demo"}"#,
     );
     assert_eq!(status, 422);
+    // Applied again, it reuses the memory it had: the patch area does not leak.
+    let (status, body) = api(
+        &s,
+        "PUT",
+        "/patches",
+        &format!(r#"{{"bundle":"{bundle}"}}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let list = json(&api(&s, "GET", "/patches", "").1);
+    assert_eq!(list["bundles"][0]["status"], "enabled", "{list}");
+    assert_eq!(
+        list["bundles"][0]["memory"]["base"].as_u64(),
+        Some(first_place)
+    );
+    // The original handler's report (after the disable) must end before the next break.
+    guest.wait_for("pages reserved", T);
+    std::thread::sleep(Duration::from_secs(3));
+    guest.sysrq('m');
+    guest.wait_for("this has been live patched (sysrq m)", T);
 }
 
 #[test]
@@ -231,4 +267,83 @@ fn a_snapshot_of_a_patched_guest_restores_its_patches() {
     );
     assert_eq!(status, 200, "{body}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_cumulative_bundle_releases_the_memory_of_what_it_replaces() {
+    let demo = build_bundle("sysrq-showmem", "livepatch_sysrq.c");
+    let cumulative = build_bundle_from(
+        "sysrq-showmem",
+        "manifest-cumulative.json",
+        "livepatch_sysrq.c",
+    );
+    let mut guest = restore_fixture("patch-memory");
+    let s = guest.api_socket.clone();
+    let put = |bundle: &str| {
+        api(
+            &s,
+            "PUT",
+            "/patches",
+            &format!(r#"{{"bundle":"{bundle}"}}"#),
+        )
+    };
+    let memory_of = |list: &Value, name: &str| {
+        list["bundles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name)
+            .map(|b| b["memory"].clone())
+            .unwrap_or_else(|| panic!("{name} not in {list}"))
+    };
+
+    let (status, body) = put(&demo);
+    assert_eq!(status, 200, "{body}");
+    let list = json(&api(&s, "GET", "/patches", "").1);
+    let demo_base = memory_of(&list, "sysrq-showmem-demo")["base"]
+        .as_u64()
+        .unwrap();
+    let demo_kib = memory_of(&list, "sysrq-showmem-demo")["size"]
+        .as_u64()
+        .unwrap()
+        / 1024;
+
+    // The cumulative bundle is placed while the demo is loaded, then retires it: the
+    // demo's memory counted as busy in that transition and is released when it completes.
+    let (status, body) = put(&cumulative);
+    assert_eq!(status, 200, "{body}");
+    let list = json(&api(&s, "GET", "/patches", "").1);
+    assert!(memory_of(&list, "sysrq-showmem-demo").is_null(), "{list}");
+    let cumulative_base = memory_of(&list, "sysrq-showmem-cumulative")["base"]
+        .as_u64()
+        .unwrap();
+    assert!(cumulative_base > demo_base, "{list}");
+    let events = json(&api(&s, "GET", "/patches/events", "").1);
+    let demo_events: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["bundle"] == "sysrq-showmem-demo")
+        .map(|e| e["what"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        &demo_events[demo_events.len() - 2..],
+        [
+            "replaced by sysrq-showmem-cumulative".to_string(),
+            format!("patch memory released ({demo_kib} KiB at {demo_base:#x})"),
+        ]
+    );
+    // The guest runs the cumulative bundle's code.
+    guest.sysrq('m');
+    guest.wait_for("this has been live patched (sysrq m)", T);
+
+    // The demo applied on top of it goes into the space it left.
+    let (status, body) = put(&demo);
+    assert_eq!(status, 200, "{body}");
+    let list = json(&api(&s, "GET", "/patches", "").1);
+    assert_eq!(
+        memory_of(&list, "sysrq-showmem-demo")["base"].as_u64(),
+        Some(demo_base),
+        "{list}"
+    );
 }

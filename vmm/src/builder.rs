@@ -153,8 +153,6 @@ pub struct RunningVm {
     /// The guest kernel, found on first use (live patching).
     pub(crate) kernel: Option<introspect::guest::GuestKernel>,
     pub(crate) patch_area: Option<crate::patching::area::PatchArea>,
-    /// Next free address in the patch area.
-    pub(crate) patch_next: Option<u64>,
     pub(crate) ledger: patcher::ledger::Ledger,
     /// Live-patched sites the guest may not write (read-only memory slots + the guard).
     pub(crate) text_guard: Arc<Mutex<GuardState>>,
@@ -324,7 +322,6 @@ pub(crate) fn start(
         started: std::time::Instant::now(),
         kernel: None,
         patch_area: None,
-        patch_next: None,
         ledger: patcher::ledger::Ledger::new(),
         text_guard,
     })

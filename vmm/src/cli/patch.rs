@@ -104,6 +104,19 @@ pub fn list(body: &Value) -> Vec<String> {
             yes(&b["forced"]),
             b["stack_order"]
         ));
+        if let (Some(base), Some(size)) =
+            (b["memory"]["base"].as_u64(), b["memory"]["size"].as_u64())
+        {
+            out.push(format!(
+                "  patch memory: {} KiB at {base:#x}{}",
+                size / 1024,
+                if b["pinned"].as_bool() == Some(true) {
+                    " (pinned by a forced transition)"
+                } else {
+                    ""
+                }
+            ));
+        }
         for f in b["functions"].as_array().into_iter().flatten() {
             out.push(format!(
                 "  {},{}  {:#x} -> {:#x}  {}",
@@ -174,6 +187,7 @@ mod tests {
             "bundles": [{
                 "name": "state2", "version": 2, "status": "enabled", "replace": true,
                 "sticky": false, "forced": false, "stack_order": 1,
+                "memory": {"base": 4096, "size": 8192}, "pinned": false,
                 "functions": [{"old": "cmdline_proc_show", "sympos": 1, "site": 16,
                                "new_addr": 32, "active": true}]
             }, {
@@ -190,6 +204,7 @@ mod tests {
             list(&body),
             [
                 "state2 version 2: enabled (replace: yes, sticky: no, forced: no, stack order 1)",
+                "  patch memory: 8 KiB at 0x1000",
                 "  cmdline_proc_show,1  0x10 -> 0x20  patched",
                 "state version 1: replaced by state2 (replace: yes, sticky: no, forced: no, stack order 1)",
                 "states in force:",

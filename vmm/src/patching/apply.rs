@@ -38,7 +38,6 @@ impl RunningVm {
             let level2 = k.image.pa(sym("level2_kernel_pgt")?);
             let area = PatchArea::map(self.vm.memory(), level2, sym("_end")?)
                 .map_err(|e| PatchError::Area(e.to_string()))?;
-            self.patch_next = Some(area.usable().0);
             self.patch_area = Some(area);
         }
         Ok(())
@@ -72,26 +71,16 @@ impl RunningVm {
             ..Options::default()
         };
         let mut ledger = std::mem::take(&mut self.ledger);
-        let next = self.patch_next.expect("area mapped");
         let result = {
             let mut target = LiveTarget::new(
                 self,
                 self.kernel.as_ref().expect("kernel found"),
                 self.patch_area.expect("area mapped"),
             );
-            transition::apply(
-                &mut target,
-                &mut ledger,
-                &bundle,
-                &digest,
-                next,
-                &opts,
-                &|| false,
-            )
+            transition::apply(&mut target, &mut ledger, &bundle, &digest, &opts, &|| false)
         };
         self.ledger = ledger;
         let linked = result?;
-        self.patch_next = Some(linked.base + linked.size());
         Ok(serde_json::json!({
             "name": bundle.manifest.name,
             "sha256": digest,

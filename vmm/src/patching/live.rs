@@ -6,6 +6,7 @@ use introspect::guest::GuestKernel;
 use introspect::kallsyms::LookupError;
 use introspect::orc::FrameKind;
 use patcher::consistency::TaskStack;
+use patcher::ledger::PatchMemory;
 use patcher::linker::LinkedPatch;
 use patcher::target::{FunctionSymbol, PatchTarget};
 use vm_memory::{Bytes, GuestAddress};
@@ -151,10 +152,10 @@ impl PatchTarget for LiveTarget<'_> {
         Ok(())
     }
 
-    fn unload_patch(&mut self, p: &LinkedPatch) -> Result<(), String> {
-        let zeros = vec![0u8; p.size() as usize];
+    fn clear_patch_memory(&mut self, m: PatchMemory) -> Result<(), String> {
+        let zeros = vec![0u8; m.size as usize];
         self.area
-            .place(self.vm.vm.memory(), p.base, &zeros, None)
+            .place(self.vm.vm.memory(), m.base, &zeros, None)
             .map_err(|e| e.to_string())
     }
 

@@ -81,7 +81,13 @@ impl RunningVm {
                 .map(|b| b.lock().unwrap_or_else(|e| e.into_inner()).save_state()),
             live_patch: self.patch_area.map(|a| LivePatchState {
                 area_slot_va: a.slot_va,
-                next: self.patch_next.unwrap_or(a.usable().0),
+                next: self
+                    .ledger
+                    .memory_in_use()
+                    .iter()
+                    .map(|m| m.end())
+                    .max()
+                    .unwrap_or(a.usable().0),
                 ledger: self.ledger.clone(),
                 protected: self
                     .text_guard
@@ -243,8 +249,15 @@ pub fn restore_and_start_with(
         running.patch_area = Some(crate::patching::area::PatchArea {
             slot_va: lp.area_slot_va,
         });
-        running.patch_next = Some(lp.next);
         running.ledger = lp.ledger;
+        // A snapshot from before per-bundle memory records: keep all it had used.
+        let area = running.patch_area.expect("set above").usable();
+        if running.ledger.memory_in_use().is_empty() && lp.next > area.0 {
+            running.ledger.reserve(patcher::ledger::PatchMemory {
+                base: area.0,
+                size: lp.next - area.0,
+            });
+        }
     }
     Ok(running)
 }
