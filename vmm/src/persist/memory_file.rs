@@ -2,7 +2,7 @@
 //! (copy-on-write) mapping so pages load lazily and the file is never modified.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -43,15 +43,23 @@ pub fn layout(mem: &GuestMemoryMmap) -> RamLayout {
     mem.iter().map(|r| (r.start_addr().0, r.len())).collect()
 }
 
-/// Writes every region of `mem` to `path`, in order. The vCPUs must be paused.
-pub fn write(mem: &GuestMemoryMmap, path: &Path) -> Result<(), MemoryFileError> {
+const PAGE: usize = 4096;
+static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
+
+/// Writes every region of `mem` to `path`, in order, as a sparse file: pages that are all
+/// zero are left as holes (they read back as zeros). The vCPUs must be paused. The file
+/// is not synced: the caller calls [`sync`] once the guest runs again, so the guest is
+/// not stopped while the disk catches up.
+pub fn write(mem: &GuestMemoryMmap, path: &Path) -> Result<File, MemoryFileError> {
     let werr = |source| MemoryFileError::Write {
         path: path.display().to_string(),
         source,
     };
     let file = File::create(path).map_err(werr)?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    file.set_len(total).map_err(werr)?;
     let mut chunk = vec![0u8; 1 << 20];
+    let mut file_offset = 0u64;
     for region in mem.iter() {
         let mut offset = 0u64;
         while offset < region.len() {
@@ -59,12 +67,39 @@ pub fn write(mem: &GuestMemoryMmap, path: &Path) -> Result<(), MemoryFileError> 
             let addr = GuestAddress(region.start_addr().0 + offset);
             vm_memory::Bytes::read_slice(mem, &mut chunk[..n], addr)
                 .map_err(|e| werr(std::io::Error::other(format!("reading guest memory: {e}"))))?;
-            out.write_all(&chunk[..n]).map_err(werr)?;
+            for (start, end) in data_runs(&chunk[..n]) {
+                file.write_all_at(&chunk[start..end], file_offset + start as u64)
+                    .map_err(werr)?;
+            }
             offset += n as u64;
+            file_offset += n as u64;
         }
     }
-    let file = out.into_inner().map_err(|e| werr(e.into_error()))?;
-    file.sync_all().map_err(werr)
+    Ok(file)
+}
+
+/// Flushes a memory file written by [`write`] to the disk.
+pub fn sync(file: &File, path: &Path) -> Result<(), MemoryFileError> {
+    file.sync_all().map_err(|source| MemoryFileError::Write {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Byte ranges of `buf` that hold data: runs of pages that are not all zero.
+fn data_runs(buf: &[u8]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, page) in buf.chunks(PAGE).enumerate() {
+        if page == &ZERO_PAGE[..page.len()] {
+            continue;
+        }
+        let (start, end) = (i * PAGE, i * PAGE + page.len());
+        match runs.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => runs.push((start, end)),
+        }
+    }
+    runs
 }
 
 /// Maps `path` privately as guest memory with `layout`. Writes by the guest stay in this
@@ -119,6 +154,24 @@ mod tests {
     use vm_memory::Bytes;
 
     #[test]
+    fn data_runs_skip_zero_pages_and_merge_neighbours() {
+        let mut buf = vec![0u8; 6 * PAGE + 100];
+        buf[PAGE] = 1;
+        buf[2 * PAGE + 5] = 2;
+        buf[5 * PAGE - 1] = 3;
+        buf[6 * PAGE + 99] = 4;
+        assert_eq!(
+            data_runs(&buf),
+            [
+                (PAGE, 3 * PAGE),
+                (4 * PAGE, 5 * PAGE),
+                (6 * PAGE, 6 * PAGE + 100)
+            ]
+        );
+        assert!(data_runs(&[0u8; 3 * PAGE]).is_empty());
+    }
+
+    #[test]
     fn round_trip_is_private_and_checks_size() {
         let dir = std::env::temp_dir().join(format!("vmm-memfile-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -130,8 +183,13 @@ mod tests {
         .unwrap();
         mem.write_obj(0x1122_3344u32, GuestAddress(0x3ffc)).unwrap();
         mem.write_obj(0xaabbu16, GuestAddress(0x10_1000)).unwrap();
-        write(&mem, &path).unwrap();
+        let file = write(&mem, &path).unwrap();
+        sync(&file, &path).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0x6000);
+        // Only the two pages with data were written; the rest are holes.
+        use std::os::unix::fs::MetadataExt;
+        let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
+        assert!(allocated <= 0x2000 + 0x1000, "{allocated} bytes allocated");
 
         let restored = map_private(&path, &layout(&mem)).unwrap();
         assert_eq!(

@@ -44,7 +44,16 @@ impl RunningVm {
         if !stop {
             self.resume().map_err(vcpu_err)?;
         }
-        let (state_bytes, memory_bytes) = result?;
+        let (snapshot, memory) = result?;
+        // The memory file reaches the disk while the guest runs again; the state file,
+        // captured in the pause, is written after it, so a complete state file always
+        // names a complete memory file.
+        let memory_path = dir.join(MEMORY_FILE);
+        memory_file::sync(&memory, &memory_path)?;
+        let state_path = dir.join(STATE_FILE);
+        state_file::write(&state_path, &snapshot)?;
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let (state_bytes, memory_bytes) = (size(&state_path), size(&memory_path));
         Ok(SnapshotInfo {
             dir: dir.to_path_buf(),
             state_bytes,
@@ -53,7 +62,8 @@ impl RunningVm {
         })
     }
 
-    fn write_snapshot(&self, dir: &Path) -> Result<(u64, u64), SnapshotError> {
+    /// Captures the VM's state and writes the memory file (returned unsynced).
+    fn write_snapshot(&self, dir: &Path) -> Result<(VmSnapshot, std::fs::File), SnapshotError> {
         let vcpus = self
             .paused_vm()
             .and_then(|p| p.vcpu_states())
@@ -98,11 +108,11 @@ impl RunningVm {
             }),
         };
         let memory_path = dir.join(MEMORY_FILE);
-        memory_file::write(self.vm.memory(), &memory_path)?;
-        let state_path = dir.join(STATE_FILE);
-        state_file::write(&state_path, &snapshot)?;
-        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-        Ok((size(&state_path), size(&memory_path)))
+        // An older snapshot in the same directory stops being one before its memory file
+        // is overwritten.
+        let _ = std::fs::remove_file(dir.join(STATE_FILE));
+        let memory = memory_file::write(self.vm.memory(), &memory_path)?;
+        Ok((snapshot, memory))
     }
 }
 
