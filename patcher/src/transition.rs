@@ -189,35 +189,138 @@ fn switch<T: PatchTarget>(
     Ok(())
 }
 
-/// Runs `plan` (re-planned on every attempt, since site bytes are read while paused)
-/// until it can be written; returns the transition written and whether it was forced.
-fn run<T: PatchTarget>(
-    target: &mut T,
-    ledger: &mut Ledger,
-    bundle: &str,
-    kind: TransitionKind,
-    opts: &Options,
-    cancelled: &dyn Fn() -> bool,
-    mut plan: impl FnMut(&Ledger, &T) -> Result<Transition, TransitionError>,
-) -> Result<Transition, TransitionError> {
-    let start = Instant::now();
-    let mut wait = opts.backoff;
-    let mut attempt = 0u32;
-    ledger.log(
-        bundle,
-        match kind {
-            TransitionKind::Apply => "initializing patching transition",
-            TransitionKind::Disable => "initializing unpatching transition",
-        },
-    );
-    loop {
-        attempt += 1;
+/// A transition under way: its bundle is loaded (for an apply) and the ledger has logged
+/// `initializing`; each [`InFlight::attempt`] is one pause. Between attempts the guest
+/// runs and the VMM carries on (devices, API); [`InFlight::reverse`] abandons it, which
+/// is how a disable during a running transition works (nothing was written yet).
+pub struct InFlight {
+    bundle: String,
+    work: Work,
+    opts: Options,
+    started: Instant,
+    attempt: u32,
+    wait: Duration,
+}
+
+enum Work {
+    Apply(Box<Prepared>),
+    Disable,
+}
+
+/// An apply, resolved, linked and loaded.
+struct Prepared {
+    manifest: crate::manifest::Manifest,
+    digest: String,
+    resolved: Vec<ResolvedFunction>,
+    actions: Vec<ResolvedAction>,
+    linked: LinkedPatch,
+    memory: Option<PatchMemory>,
+}
+
+/// What a transition finished with.
+#[derive(Debug)]
+pub enum Completed {
+    Applied(LinkedPatch),
+    Disabled,
+}
+
+/// The result of one attempt.
+#[derive(Debug)]
+pub enum Progress {
+    Done(Completed),
+    /// Blocked; try again after this long.
+    RetryIn(Duration),
+}
+
+impl InFlight {
+    fn new(ledger: &mut Ledger, bundle: &str, work: Work, opts: &Options) -> Self {
+        ledger.log(
+            bundle,
+            match work {
+                Work::Apply(_) => "initializing patching transition",
+                Work::Disable => "initializing unpatching transition",
+            },
+        );
+        InFlight {
+            bundle: bundle.to_string(),
+            work,
+            opts: opts.clone(),
+            started: Instant::now(),
+            attempt: 0,
+            wait: opts.backoff,
+        }
+    }
+
+    /// The bundle being applied or disabled.
+    pub fn bundle(&self) -> &str {
+        &self.bundle
+    }
+
+    /// Whether this is an apply (else a disable).
+    pub fn is_apply(&self) -> bool {
+        matches!(self.work, Work::Apply(_))
+    }
+
+    /// Attempts made so far.
+    pub fn attempts(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Time since the transition began.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn plan<T: PatchTarget>(&self, ledger: &Ledger, t: &T) -> Result<Transition, TransitionError> {
+        let site = |s| read_site(t, s).unwrap_or([0; SITE_LEN]);
+        let mut data = |addr, len| read_data(t, addr, len);
+        Ok(match &self.work {
+            Work::Apply(p) => ledger.plan_apply_with_actions(
+                &p.manifest,
+                &p.resolved,
+                &p.actions,
+                site,
+                &mut data,
+            )?,
+            Work::Disable => ledger.plan_disable_with_actions(&self.bundle, site, &mut data)?,
+        })
+    }
+
+    /// One attempt: pause, re-plan (site bytes are read while paused), check every vCPU
+    /// and task stack unless forced, write all or nothing, resume. A failure (including
+    /// reaching the deadline) has undone everything, the loaded patch included.
+    pub fn attempt<T: PatchTarget>(
+        &mut self,
+        target: &mut T,
+        ledger: &mut Ledger,
+    ) -> Result<Progress, TransitionError> {
+        match self.try_once(target, ledger) {
+            Ok(Some(t)) => Ok(Progress::Done(self.commit(target, ledger, &t))),
+            Ok(None) => Ok(Progress::RetryIn(self.wait)),
+            Err(e) => {
+                self.unload(target);
+                Err(e)
+            }
+        }
+    }
+
+    fn try_once<T: PatchTarget>(
+        &mut self,
+        target: &mut T,
+        ledger: &mut Ledger,
+    ) -> Result<Option<Transition>, TransitionError> {
+        self.attempt += 1;
+        let attempt = self.attempt;
+        let bundle = self.bundle.clone();
         let stopped_at = Instant::now();
-        target.pause().map_err(TransitionError::Target)?;
+        if let Err(e) = target.pause() {
+            ledger.log(&bundle, format!("failed: VM: {e}"));
+            return Err(TransitionError::Target(e));
+        }
         let mut checked = 0usize;
         let outcome = (|| {
-            let t = plan(ledger, target)?;
-            if !opts.force {
+            let t = self.plan(ledger, target)?;
+            if !self.opts.force {
                 let rips = target.vcpu_rips().map_err(TransitionError::Target)?;
                 let tasks = target.task_stacks().map_err(TransitionError::Target)?;
                 checked = tasks.len();
@@ -228,55 +331,103 @@ fn run<T: PatchTarget>(
             Ok(Ok(t))
         })();
         let outcome = match outcome {
-            Ok(Ok(t)) => switch(target, ledger, bundle, &t).map(|()| Ok(t)),
+            Ok(Ok(t)) => switch(target, ledger, &bundle, &t).map(|()| Ok(t)),
             other => other,
         };
-        target.resume().map_err(TransitionError::Target)?;
+        let resumed = target.resume().map_err(TransitionError::Target);
         // The guest-visible cost of this attempt: pause to resume, stack check included.
         ledger.log(
-            bundle,
+            &bundle,
             format!(
                 "attempt {attempt}: vCPUs stopped for {} us, {checked} task stacks checked",
                 stopped_at.elapsed().as_micros()
             ),
         );
+        if let Err(e) = resumed {
+            ledger.log(&bundle, format!("failed: {e}"));
+            return Err(e);
+        }
         match outcome {
-            Ok(Ok(t)) => return Ok(t),
+            Ok(Ok(t)) => Ok(Some(t)),
             Ok(Err(blockers)) => {
                 let report: Vec<String> = blockers.iter().map(Blocker::to_string).collect();
                 ledger.log(
-                    bundle,
+                    &bundle,
                     format!("attempt {attempt} blocked by: {}", report.join("; ")),
                 );
-                if start.elapsed() + wait > opts.deadline {
-                    ledger.log(bundle, "failed: deadline reached, nothing written");
+                if attempt > 1 {
+                    self.wait = (self.wait * 2).min(self.opts.max_backoff);
+                }
+                if self.started.elapsed() + self.wait > self.opts.deadline {
+                    ledger.log(&bundle, "failed: deadline reached, nothing written");
                     return Err(TransitionError::Blocked {
-                        bundle: bundle.to_string(),
-                        waited: start.elapsed(),
+                        bundle,
+                        waited: self.started.elapsed(),
                         blockers: report,
                     });
                 }
-                eprintln!(
-                    "patch: {bundle}: blocked ({}), retrying in {wait:?}",
-                    report.len()
-                );
+                Ok(None)
             }
             Err(e) => {
-                ledger.log(bundle, format!("failed: {e}"));
-                return Err(e);
+                ledger.log(&bundle, format!("failed: {e}"));
+                Err(e)
             }
         }
-        if cancelled() {
-            ledger.log(bundle, "cancelled, nothing written");
-            return Err(TransitionError::Cancelled);
+    }
+
+    fn commit<T: PatchTarget>(
+        &mut self,
+        target: &mut T,
+        ledger: &mut Ledger,
+        t: &Transition,
+    ) -> Completed {
+        let force = self.opts.force;
+        match std::mem::replace(&mut self.work, Work::Disable) {
+            Work::Apply(p) => {
+                let released =
+                    ledger.commit_apply(&p.manifest, &p.digest, &p.resolved, t, p.memory, force);
+                clear_released(target, ledger, released);
+                Completed::Applied(p.linked)
+            }
+            Work::Disable => {
+                let released = ledger.commit_disable(&self.bundle, force);
+                clear_released(target, ledger, released);
+                Completed::Disabled
+            }
         }
-        std::thread::sleep(wait);
-        wait = (wait * 2).min(opts.max_backoff);
+    }
+
+    /// Clears the memory of a patch that was loaded but never redirected to.
+    fn unload<T: PatchTarget>(&self, target: &mut T) {
+        if let Work::Apply(p) = &self.work {
+            if let Some(m) = p.memory {
+                let _ = target.clear_patch_memory(m);
+            }
+        }
+    }
+
+    /// Abandons the transition between attempts (nothing of it was written): the kernel's
+    /// reversal of a transition still in progress. An apply's loaded patch is cleared.
+    pub fn reverse<T: PatchTarget>(self, target: &mut T, ledger: &mut Ledger) {
+        self.unload(target);
+        let (from, to) = if self.is_apply() {
+            ("patching", "unpatching")
+        } else {
+            ("unpatching", "patching")
+        };
+        ledger.log(
+            &self.bundle,
+            format!("reversing transition from {from} to {to}"),
+        );
+        ledger.log(
+            &self.bundle,
+            format!("{to} complete (nothing had been written)"),
+        );
     }
 }
 
-/// Applies a bundle. It is placed at the first free space of the patch area that fits
-/// (the ledger knows which memory the applied bundles hold).
+/// Applies a bundle, blocking until it completes, fails or `cancelled()` says so: the
+/// synchronous form of [`begin_apply`] and [`InFlight::attempt`].
 pub fn apply<T: PatchTarget>(
     target: &mut T,
     ledger: &mut Ledger,
@@ -285,6 +436,60 @@ pub fn apply<T: PatchTarget>(
     opts: &Options,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<LinkedPatch, TransitionError> {
+    let flight = begin_apply(target, ledger, bundle, digest, opts)?;
+    match drive(flight, target, ledger, cancelled)? {
+        Completed::Applied(linked) => Ok(linked),
+        Completed::Disabled => Err(TransitionError::Target(
+            "an apply ended as a disable".into(),
+        )),
+    }
+}
+
+/// Disables an applied bundle with the same consistency rules, blocking.
+pub fn disable<T: PatchTarget>(
+    target: &mut T,
+    ledger: &mut Ledger,
+    name: &str,
+    opts: &Options,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<(), TransitionError> {
+    let flight = begin_disable(target, ledger, name, opts)?;
+    drive(flight, target, ledger, cancelled).map(|_| ())
+}
+
+fn drive<T: PatchTarget>(
+    mut flight: InFlight,
+    target: &mut T,
+    ledger: &mut Ledger,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Completed, TransitionError> {
+    loop {
+        match flight.attempt(target, ledger)? {
+            Progress::Done(c) => return Ok(c),
+            Progress::RetryIn(wait) => {
+                eprintln!("patch: {}: blocked, retrying in {wait:?}", flight.bundle());
+                if cancelled() {
+                    flight.unload(target);
+                    ledger.log(flight.bundle(), "cancelled, nothing written");
+                    return Err(TransitionError::Cancelled);
+                }
+                std::thread::sleep(wait);
+            }
+        }
+    }
+}
+
+/// Starts applying a bundle: checks it against the running kernel and the ledger, places
+/// and links it at the first free space of the patch area that fits (the ledger knows
+/// which memory the applied bundles hold), loads it, and logs `enabling patch` and
+/// `initializing patching transition`. Nothing is redirected yet.
+pub fn begin_apply<T: PatchTarget>(
+    target: &mut T,
+    ledger: &mut Ledger,
+    bundle: &Bundle,
+    digest: &str,
+    opts: &Options,
+) -> Result<InFlight, TransitionError> {
     let m = &bundle.manifest;
     let reject = |ledger: &mut Ledger, e: TransitionError| {
         ledger.log(&m.name, format!("rejected: {e}"));
@@ -418,69 +623,36 @@ pub fn apply<T: PatchTarget>(
     target
         .load_patch(&linked)
         .map_err(TransitionError::Target)?;
-    let result = run(
-        target,
+    let prepared = Prepared {
+        manifest: m.clone(),
+        digest: digest.to_string(),
+        resolved,
+        actions,
+        linked,
+        memory,
+    };
+    Ok(InFlight::new(
         ledger,
         &m.name,
-        TransitionKind::Apply,
+        Work::Apply(Box::new(prepared)),
         opts,
-        cancelled,
-        |l, t| {
-            Ok(l.plan_apply_with_actions(
-                m,
-                &resolved,
-                &actions,
-                |s| read_site(t, s).unwrap_or([0; SITE_LEN]),
-                &mut |addr, len| read_data(t, addr, len),
-            )?)
-        },
-    );
-    match result {
-        Ok(t) => {
-            let released = ledger.commit_apply(m, digest, &resolved, &t, memory, opts.force);
-            clear_released(target, ledger, released);
-            Ok(linked)
-        }
-        Err(e) => {
-            if let Some(memory) = memory {
-                let _ = target.clear_patch_memory(memory);
-            }
-            Err(e)
-        }
-    }
+    ))
 }
 
-/// Disables an applied bundle with the same consistency rules.
-pub fn disable<T: PatchTarget>(
+/// Starts disabling an applied bundle (it must be one that can be disabled now: enabled,
+/// not sticky, on top of the stack for its functions).
+pub fn begin_disable<T: PatchTarget>(
     target: &mut T,
     ledger: &mut Ledger,
     name: &str,
     opts: &Options,
-    cancelled: &dyn Fn() -> bool,
-) -> Result<(), TransitionError> {
+) -> Result<InFlight, TransitionError> {
     ledger.plan_disable_with_actions(
         name,
         |s| read_site(target, s).unwrap_or([0; SITE_LEN]),
         &mut |addr, len| read_data(target, addr, len),
     )?;
-    run(
-        target,
-        ledger,
-        name,
-        TransitionKind::Disable,
-        opts,
-        cancelled,
-        |l, t| {
-            Ok(l.plan_disable_with_actions(
-                name,
-                |s| read_site(t, s).unwrap_or([0; SITE_LEN]),
-                &mut |addr, len| read_data(t, addr, len),
-            )?)
-        },
-    )?;
-    let released = ledger.commit_disable(name, opts.force);
-    clear_released(target, ledger, released);
-    Ok(())
+    Ok(InFlight::new(ledger, name, Work::Disable, opts))
 }
 
 /// Zeroes patch memory nothing runs or references any more (the transition that retired
@@ -958,6 +1130,50 @@ mod tests {
         };
         apply(&mut vm, &mut ledger, &b, "d", &forced, &|| false).unwrap();
         assert!(ledger.bundles()[0].forced);
+    }
+
+    #[test]
+    fn a_transition_in_progress_can_be_reversed_between_attempts() {
+        let mut vm = FakeVm::new();
+        vm.blocked_attempts.set(usize::MAX);
+        let (text, area) = (vm.text.clone(), vm.area.clone());
+        let mut ledger = Ledger::new();
+        let b = bundle("cmdline", &["cmdline_proc_show"]);
+        let mut flight = begin_apply(&mut vm, &mut ledger, &b, "d", &quick()).unwrap();
+        assert!(flight.is_apply() && flight.bundle() == "cmdline");
+        // Loaded, not redirected; blocked twice, backing off.
+        assert_ne!(vm.area, area);
+        let waits: Vec<Duration> = (0..2)
+            .map(|_| match flight.attempt(&mut vm, &mut ledger).unwrap() {
+                Progress::RetryIn(w) => w,
+                Progress::Done(c) => panic!("{c:?}"),
+            })
+            .collect();
+        assert!(waits[1] > waits[0], "{waits:?}");
+        assert_eq!(flight.attempts(), 2);
+        assert_eq!(vm.text, text);
+        flight.reverse(&mut vm, &mut ledger);
+        assert_eq!((vm.text == text, vm.area == area), (true, true));
+        assert!(ledger.bundles().is_empty());
+        let log = whats(&ledger, "cmdline");
+        assert_eq!(
+            &log[log.len() - 2..],
+            [
+                "reversing transition from patching to unpatching",
+                "unpatching complete (nothing had been written)"
+            ]
+        );
+        // Nothing of it is left: it applies again once the blocker is gone.
+        vm.blocked_attempts.set(0);
+        let mut flight = begin_apply(&mut vm, &mut ledger, &b, "d", &quick()).unwrap();
+        assert!(matches!(
+            flight.attempt(&mut vm, &mut ledger).unwrap(),
+            Progress::Done(Completed::Applied(_))
+        ));
+        assert_eq!(
+            ledger.bundles()[0].status,
+            crate::ledger::BundleStatus::Enabled
+        );
     }
 
     #[test]

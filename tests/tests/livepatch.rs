@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use integration_tests::{api, restore_fixture, run_vmm, wait_for_socket, workspace_root, Guest};
+use integration_tests::{
+    api, restore_fixture, run_vmm, vmm_binary, wait_for_socket, workspace_root, Guest,
+};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(300);
@@ -346,4 +348,122 @@ fn a_cumulative_bundle_releases_the_memory_of_what_it_replaces() {
         Some(demo_base),
         "{list}"
     );
+}
+
+/// A blocked transition runs one pause per attempt, driven by the VMM's event loop: the
+/// guest's console and the API keep answering between attempts; a second transition is
+/// refused meanwhile; disabling the bundle reverses its transition (nothing was written),
+/// through the API or by Ctrl-C on `vmm patch`, which prints progress while it waits.
+#[test]
+fn a_blocked_transition_can_be_reversed_while_the_guest_and_api_carry_on() {
+    let busy = build_bundle("busy-kthreadd", "livepatch_kthreadd.c");
+    let other = build_bundle("sysrq-showmem", "livepatch_sysrq.c");
+    let mut guest = restore_fixture("reverse");
+    let s = guest.api_socket.clone();
+    let text = |s: &std::path::Path| {
+        json(&api(s, "GET", "/kernel/text?symbol=kthreadd", "").1)["bytes"].clone()
+    };
+    let before = text(&s);
+    let transition =
+        |s: &std::path::Path| json(&api(s, "GET", "/patches", "").1)["transition"].clone();
+    let start_cli = || {
+        std::process::Command::new(vmm_binary())
+            .args([
+                "patch",
+                "--deadline",
+                "120",
+                "--api-socket",
+                s.to_str().unwrap(),
+                &busy,
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let wait_attempts = |s: &std::path::Path, n: u64| {
+        let start = std::time::Instant::now();
+        loop {
+            let t = transition(s);
+            if t["attempts"].as_u64().unwrap_or(0) >= n {
+                return t;
+            }
+            assert!(start.elapsed() < T, "no transition in flight: {t}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    // Through the API: the CLI waits while the transition is blocked by kthreadd.
+    let cli = start_cli();
+    let t = wait_attempts(&s, 2);
+    assert_eq!(t["bundle"], "busy-kthreadd-demo", "{t}");
+    assert_eq!(t["kind"], "patching", "{t}");
+    // The guest's console works between attempts, and so does the API.
+    guest.sysrq('h');
+    guest.wait_for("sysrq: HELP", T);
+    let (status, body) = api(&s, "GET", "/vm", "");
+    assert_eq!(status, 200, "{body}");
+    // One transition at a time (the kernel's -EBUSY).
+    let (status, body) = api(&s, "PUT", "/patches", &format!(r#"{{"bundle":"{other}"}}"#));
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains("busy-kthreadd-demo is in transition"),
+        "{body}"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let (status, body) = api(
+        &s,
+        "PUT",
+        "/patches/disable",
+        r#"{"name":"busy-kthreadd-demo"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["reversed"], true, "{body}");
+    let out = cli.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("was disabled while in transition"), "{err}");
+    assert!(
+        err.contains("busy-kthreadd-demo: patching transition blocked, "),
+        "progress: {err}"
+    );
+    assert!(transition(&s).is_null());
+    assert_eq!(text(&s), before, "kthreadd's text changed");
+    let list = json(&api(&s, "GET", "/patches", "").1);
+    assert_eq!(list["bundles"], serde_json::json!([]), "{list}");
+    let events = json(&api(&s, "GET", "/patches/events", "").1);
+    let whats: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["what"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        &whats[whats.len() - 2..],
+        [
+            "reversing transition from patching to unpatching",
+            "unpatching complete (nothing had been written)"
+        ]
+    );
+
+    // By Ctrl-C on the client.
+    let cli = start_cli();
+    wait_attempts(&s, 2);
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &cli.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = cli.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("interrupted: disabling busy-kthreadd-demo"),
+        "{err}"
+    );
+    assert!(transition(&s).is_null());
+    assert_eq!(text(&s), before, "kthreadd's text changed");
+    // Nothing is left behind: the other bundle applies.
+    let (status, body) = api(&s, "PUT", "/patches", &format!(r#"{{"bundle":"{other}"}}"#));
+    assert_eq!(status, 200, "{body}");
 }

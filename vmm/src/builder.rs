@@ -8,6 +8,7 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::api::routes::ApiRequest;
 use crate::arch::x86_64::acpi::{self, AcpiConfig, VirtioMmioAcpi};
 use crate::arch::x86_64::boot::{self, ZeroPageConfig};
 use crate::arch::x86_64::emulate::FallbackStats;
@@ -154,6 +155,8 @@ pub struct RunningVm {
     pub(crate) kernel: Option<introspect::guest::GuestKernel>,
     pub(crate) patch_area: Option<crate::patching::area::PatchArea>,
     pub(crate) ledger: patcher::ledger::Ledger,
+    /// The patch transition between attempts, if any.
+    pub(crate) patch_in_flight: Option<crate::patching::apply::PendingPatch>,
     /// Live-patched sites the guest may not write (read-only memory slots + the guard).
     pub(crate) text_guard: Arc<Mutex<GuardState>>,
 }
@@ -323,6 +326,7 @@ pub(crate) fn start(
         kernel: None,
         patch_area: None,
         ledger: patcher::ledger::Ledger::new(),
+        patch_in_flight: None,
         text_guard,
     })
 }
@@ -572,9 +576,29 @@ impl RunningVm {
         };
         let mut stop = None;
         for p in pending {
-            let (resp, exit) = self.handle_api(p.request, p.received);
-            let _ = p.reply.send(resp);
-            stop = stop.or(exit);
+            // Patch transitions answer when they end, possibly after several attempts.
+            match p.request {
+                ApiRequest::ApplyPatch {
+                    bundle,
+                    force,
+                    deadline_ms,
+                    allow_downgrade,
+                } => self.start_apply(
+                    &bundle,
+                    force,
+                    Duration::from_millis(deadline_ms),
+                    allow_downgrade,
+                    p.reply,
+                ),
+                ApiRequest::DisablePatch { name, force } => {
+                    self.start_disable(&name, force, p.reply)
+                }
+                request => {
+                    let (resp, exit) = self.handle_api(request, p.received);
+                    let _ = p.reply.send(resp);
+                    stop = stop.or(exit);
+                }
+            }
         }
         stop
     }
@@ -593,13 +617,18 @@ impl RunningVm {
             if let Some(reason) = self.poll_api() {
                 break reason;
             }
+            self.poll_patch();
+            // Wake for the next attempt of a patch transition in flight.
+            let timeout = self.patch_due_in().map_or(100, |d| {
+                i32::try_from(d.as_millis()).unwrap_or(100).clamp(0, 100)
+            });
             // While paused the device subscribers do not run: no console input, no block
             // request completes, no interrupt is raised until the vCPUs run again.
             let waited = if self.is_paused() {
-                self.paused_wait.wait(100, &self.exit)
+                self.paused_wait.wait(timeout, &self.exit)
             } else {
                 self.event_manager
-                    .run_with_timeout(100)
+                    .run_with_timeout(timeout)
                     .map(|_| ())
                     .map_err(|e| format!("{e:?}"))
             };

@@ -13,6 +13,8 @@ use vmm::host_check::{probe_user_syscall, UserSyscall};
 mod inspect;
 #[path = "cli/patch.rs"]
 mod patch_report;
+#[path = "cli/transition_wait.rs"]
+mod transition_wait;
 
 #[derive(Parser)]
 #[command(
@@ -335,6 +337,11 @@ fn api_call(
     let socket = target.socket();
     let (status, text) = vmm::api::client::request(&socket, method, path, body.as_deref())
         .map_err(|e| e.to_string())?;
+    print_answer(status, text)
+}
+
+/// Prints a 2xx answer's body; any other status is the error message of its JSON body.
+fn print_answer(status: u16, text: String) -> Result<i32, String> {
     if status >= 400 {
         let msg = serde_json::from_str::<serde_json::Value>(&text)
             .ok()
@@ -396,7 +403,14 @@ fn patch(args: PatchArgs) -> Result<i32, String> {
             force,
         }) => {
             let body = serde_json::json!({"name": bundle_name, "force": force}).to_string();
-            api_call(&target, "PUT", "/patches/disable", Some(body))
+            let (status, text) = transition_wait::wait(
+                &target.socket(),
+                "/patches/disable",
+                body,
+                &bundle_name,
+                false,
+            )?;
+            print_answer(status, text)
         }
         None => {
             let bundle = args
@@ -404,16 +418,14 @@ fn patch(args: PatchArgs) -> Result<i32, String> {
                 .ok_or("give a bundle to apply, or list/disable/events")?;
             let path =
                 std::path::absolute(&bundle).map_err(|e| format!("{}: {e}", bundle.display()))?;
-            if args.replace {
-                let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-                let b = patcher::bundle::Bundle::decode(&bytes)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
-                if !b.manifest.replace {
-                    return Err(format!(
-                        "{}: --replace needs a cumulative bundle (\"replace\": true in its manifest)",
-                        path.display()
-                    ));
-                }
+            let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let b = patcher::bundle::Bundle::decode(&bytes)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            if args.replace && !b.manifest.replace {
+                return Err(format!(
+                    "{}: --replace needs a cumulative bundle (\"replace\": true in its manifest)",
+                    path.display()
+                ));
             }
             if !(0.001..=3600.0).contains(&args.deadline) {
                 return Err("--deadline must be between 0.001 and 3600 seconds".into());
@@ -425,7 +437,14 @@ fn patch(args: PatchArgs) -> Result<i32, String> {
                 "allow_downgrade": args.allow_downgrade,
             })
             .to_string();
-            api_call(&args.target, "PUT", "/patches", Some(body))
+            let (status, text) = transition_wait::wait(
+                &args.target.socket(),
+                "/patches",
+                body,
+                &b.manifest.name,
+                true,
+            )?;
+            print_answer(status, text)
         }
     }
 }

@@ -37,33 +37,11 @@ impl RunningVm {
                 ),
                 Err(e) => (ApiResponse::error(500, e.to_string()), None),
             },
-            ApiRequest::ApplyPatch {
-                bundle,
-                force,
-                deadline_ms,
-                allow_downgrade,
-            } => match self.apply_bundle(
-                &bundle,
-                force,
-                std::time::Duration::from_millis(deadline_ms),
-                allow_downgrade,
-            ) {
-                Ok(v) => (ApiResponse::ok(v), None),
-                Err(e @ crate::patching::apply::PatchError::Paused) => {
-                    (ApiResponse::error(409, e.to_string()), None)
-                }
-                Err(e @ crate::patching::apply::PatchError::Bundle { .. }) => {
-                    (ApiResponse::error(400, e.to_string()), None)
-                }
-                Err(e) => (ApiResponse::error(422, e.to_string()), None),
-            },
-            ApiRequest::DisablePatch { name, force } => match self.disable_bundle(&name, force) {
-                Ok(()) => (
-                    ApiResponse::ok(json!({"name": name, "state": "disabled"})),
-                    None,
-                ),
-                Err(e) => (ApiResponse::error(422, e.to_string()), None),
-            },
+            // Answered by the transition runner (RunningVm::start_apply/start_disable).
+            ApiRequest::ApplyPatch { .. } | ApiRequest::DisablePatch { .. } => (
+                ApiResponse::error(500, "patch requests are not handled here"),
+                None,
+            ),
             ApiRequest::ListPatches => (ApiResponse::ok(self.patches_json()), None),
             ApiRequest::PatchEvents => (
                 ApiResponse::ok(json!({ "events": self.ledger().events() })),

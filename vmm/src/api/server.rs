@@ -1,10 +1,12 @@
 //! The control socket: a Unix socket (mode 0600) served by one API thread. Each
 //! request is routed, handed to the VMM thread (which owns the VM) through a channel,
-//! and answered with what the VMM thread replies.
+//! and answered with what the VMM thread replies. A patch apply or disable, answered
+//! only when its transition ends, waits on a thread of its own.
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -69,31 +71,76 @@ pub fn default_socket(name: &str) -> PathBuf {
 /// How long a request may wait for the VMM thread (a snapshot writes the whole RAM).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(600);
 
-fn serve(mut stream: UnixStream, to_vmm: &Sender<Pending>, wake: &EventFd) {
+/// At most this many requests wait for a patch transition at once.
+const MAX_WAITING: usize = 8;
+
+/// Serves one connection. Most requests are answered at once by the VMM thread, in
+/// turn; a patch apply or disable is answered when its transition ends, which may take
+/// many attempts, so its connection waits on a thread of its own and the API stays
+/// responsive meanwhile.
+fn serve(
+    mut stream: UnixStream,
+    to_vmm: &Sender<Pending>,
+    wake: &EventFd,
+    waiting: &Arc<AtomicUsize>,
+) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let response = match http::read_request(&mut stream) {
-        Err(http::HttpError::TooLarge) => ApiResponse::error(413, "request too large"),
-        Err(e) => ApiResponse::error(400, e.to_string()),
-        Ok(req) => match routes::route(&req) {
-            Err(resp) => resp,
-            Ok(request) => {
-                let (reply, rx) = channel();
-                let pending = Pending {
-                    request,
-                    reply,
-                    received: Instant::now(),
-                };
-                if to_vmm.send(pending).is_err() {
-                    ApiResponse::error(500, "the VM is shutting down")
-                } else {
-                    let _ = wake.write(1);
-                    rx.recv_timeout(REPLY_TIMEOUT)
-                        .unwrap_or_else(|_| ApiResponse::error(500, "the VMM did not answer"))
-                }
-            }
-        },
+    let request = match http::read_request(&mut stream) {
+        Err(http::HttpError::TooLarge) => Err(ApiResponse::error(413, "request too large")),
+        Err(e) => Err(ApiResponse::error(400, e.to_string())),
+        Ok(req) => routes::route(&req),
     };
-    let _ = http::write_response(&mut stream, response.status, &response.body);
+    let request = match request {
+        Ok(r) => r,
+        Err(response) => {
+            let _ = http::write_response(&mut stream, response.status, &response.body);
+            return;
+        }
+    };
+    let long = matches!(
+        request,
+        ApiRequest::ApplyPatch { .. } | ApiRequest::DisablePatch { .. }
+    );
+    if long && waiting.load(Ordering::Acquire) >= MAX_WAITING {
+        let response = ApiResponse::error(503, "too many patch requests waiting");
+        let _ = http::write_response(&mut stream, response.status, &response.body);
+        return;
+    }
+    let (reply, rx) = channel();
+    let pending = Pending {
+        request,
+        reply,
+        received: Instant::now(),
+    };
+    let sent = to_vmm.send(pending).is_ok();
+    if sent {
+        let _ = wake.write(1);
+    }
+    let answer = move |mut stream: UnixStream| {
+        let response = if sent {
+            rx.recv_timeout(REPLY_TIMEOUT)
+                .unwrap_or_else(|_| ApiResponse::error(500, "the VMM did not answer"))
+        } else {
+            ApiResponse::error(500, "the VM is shutting down")
+        };
+        let _ = http::write_response(&mut stream, response.status, &response.body);
+    };
+    if !long {
+        answer(stream);
+        return;
+    }
+    waiting.fetch_add(1, Ordering::AcqRel);
+    let count = waiting.clone();
+    let spawned = std::thread::Builder::new()
+        .name("api-wait".into())
+        .spawn(move || {
+            answer(stream);
+            count.fetch_sub(1, Ordering::AcqRel);
+        });
+    if spawned.is_err() {
+        // The request is with the VMM thread; its answer is dropped with the channel.
+        waiting.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Binds a socket that is never reachable with wider permissions than 0600: it is bound in
@@ -142,8 +189,9 @@ pub fn start(path: &Path) -> Result<ApiChannel, ServerError> {
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
+            let waiting = Arc::new(AtomicUsize::new(0));
             for stream in listener.incoming().flatten() {
-                serve(stream, &tx, &thread_wake);
+                serve(stream, &tx, &thread_wake, &waiting);
             }
         })
         .map_err(bind_err)?;

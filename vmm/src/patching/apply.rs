@@ -1,12 +1,18 @@
-//! Applying and disabling bundles on the running VM (called on the VMM thread).
+//! Applying and disabling bundles on the running VM. A transition is driven by the VMM
+//! thread's event loop, one attempt (one pause) at a time: between blocked attempts the
+//! devices and the API keep working, and a disable of the bundle whose apply is still
+//! retrying reverses it, as the kernel allows for a transition in progress.
 
-use std::time::Duration;
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
 
 use patcher::bundle::Bundle;
-use patcher::transition::{self, Options};
+use patcher::transition::{self, Completed, InFlight, Options, Progress};
+use serde_json::json;
 
 use super::area::PatchArea;
 use super::live::LiveTarget;
+use crate::api::routes::ApiResponse;
 use crate::builder::RunningVm;
 
 /// Why a patch request failed before or during its transition.
@@ -22,6 +28,26 @@ pub enum PatchError {
     Transition(#[from] transition::TransitionError),
     #[error("the VM is paused; resume it first")]
     Paused,
+    #[error("bundle {0} is in transition; only one transition runs at a time")]
+    Busy(String),
+}
+
+impl PatchError {
+    fn response(&self) -> ApiResponse {
+        let status = match self {
+            PatchError::Paused | PatchError::Busy(_) => 409,
+            PatchError::Bundle { .. } => 400,
+            _ => 422,
+        };
+        ApiResponse::error(status, self.to_string())
+    }
+}
+
+/// A transition between attempts, with the client waiting for its answer.
+pub struct PendingPatch {
+    flight: InFlight,
+    reply: Sender<ApiResponse>,
+    next_at: Instant,
 }
 
 impl RunningVm {
@@ -43,73 +69,204 @@ impl RunningVm {
         Ok(())
     }
 
-    /// `vmm patch BUNDLE`: returns the bundle's name and where its functions went.
-    pub fn apply_bundle(
+    /// Runs `f` with the patch target and the ledger (taken out of `self` meanwhile).
+    fn with_target<R>(
+        &mut self,
+        f: impl FnOnce(&mut LiveTarget<'_>, &mut patcher::ledger::Ledger) -> R,
+    ) -> R {
+        let mut ledger = std::mem::take(&mut self.ledger);
+        let result = {
+            let mut target = LiveTarget::new(
+                self,
+                self.kernel.as_ref().expect("kernel found"),
+                self.patch_area.expect("area mapped"),
+            );
+            f(&mut target, &mut ledger)
+        };
+        self.ledger = ledger;
+        result
+    }
+
+    fn check_can_start(&self) -> Result<(), PatchError> {
+        if self.is_paused() {
+            return Err(PatchError::Paused);
+        }
+        if let Some(p) = &self.patch_in_flight {
+            return Err(PatchError::Busy(p.flight.bundle().to_string()));
+        }
+        Ok(())
+    }
+
+    /// `PUT /patches`: starts applying the bundle at `path` and makes its first attempt;
+    /// `reply` gets the answer when the transition completes or fails.
+    pub fn start_apply(
         &mut self,
         path: &str,
         force: bool,
         deadline: Duration,
         allow_downgrade: bool,
-    ) -> Result<serde_json::Value, PatchError> {
-        if self.is_paused() {
-            return Err(PatchError::Paused);
+        reply: Sender<ApiResponse>,
+    ) {
+        let started = (|| {
+            self.check_can_start()?;
+            let bytes = std::fs::read(path).map_err(|e| PatchError::Bundle {
+                path: path.into(),
+                detail: e.to_string(),
+            })?;
+            let bundle = Bundle::decode(&bytes).map_err(|e| PatchError::Bundle {
+                path: path.into(),
+                detail: e.to_string(),
+            })?;
+            self.ensure_kernel_and_area()?;
+            let digest = Bundle::digest_hex(&bytes);
+            let opts = Options {
+                deadline,
+                force,
+                allow_downgrade,
+                ..Options::default()
+            };
+            let flight =
+                self.with_target(|t, l| transition::begin_apply(t, l, &bundle, &digest, &opts))?;
+            Ok::<_, PatchError>((flight, digest))
+        })();
+        match started {
+            Ok((flight, _)) => {
+                self.patch_in_flight = Some(PendingPatch {
+                    flight,
+                    reply,
+                    next_at: Instant::now(),
+                });
+                self.poll_patch();
+            }
+            Err(e) => {
+                let _ = reply.send(e.response());
+            }
         }
-        let bytes = std::fs::read(path).map_err(|e| PatchError::Bundle {
-            path: path.into(),
-            detail: e.to_string(),
-        })?;
-        let bundle = Bundle::decode(&bytes).map_err(|e| PatchError::Bundle {
-            path: path.into(),
-            detail: e.to_string(),
-        })?;
-        self.ensure_kernel_and_area()?;
-        let digest = Bundle::digest_hex(&bytes);
-        let opts = Options {
-            deadline,
-            force,
-            allow_downgrade,
-            ..Options::default()
-        };
-        let mut ledger = std::mem::take(&mut self.ledger);
-        let result = {
-            let mut target = LiveTarget::new(
-                self,
-                self.kernel.as_ref().expect("kernel found"),
-                self.patch_area.expect("area mapped"),
-            );
-            transition::apply(&mut target, &mut ledger, &bundle, &digest, &opts, &|| false)
-        };
-        self.ledger = ledger;
-        let linked = result?;
-        Ok(serde_json::json!({
-            "name": bundle.manifest.name,
-            "sha256": digest,
-            "forced": force,
-            "functions": linked.functions.iter().map(|(n, (a, s))| serde_json::json!({"name": n, "addr": a, "size": s})).collect::<Vec<_>>(),
-        }))
     }
 
-    /// `vmm patch disable NAME`.
-    pub fn disable_bundle(&mut self, name: &str, force: bool) -> Result<(), PatchError> {
-        if self.is_paused() {
-            return Err(PatchError::Paused);
+    /// `PUT /patches/disable`: starts disabling `name`, or reverses its apply if that is
+    /// still in transition (nothing of it was written yet).
+    pub fn start_disable(&mut self, name: &str, force: bool, reply: Sender<ApiResponse>) {
+        let reversing = self
+            .patch_in_flight
+            .as_ref()
+            .is_some_and(|p| p.flight.is_apply() && p.flight.bundle() == name);
+        if reversing && !self.is_paused() {
+            let pending = self.patch_in_flight.take().expect("checked above");
+            let attempts = pending.flight.attempts();
+            self.with_target(|t, l| pending.flight.reverse(t, l));
+            let _ = pending.reply.send(ApiResponse::error(
+                409,
+                format!(
+                    "bundle {name} was disabled while in transition (after {attempts} blocked \
+                     attempts); the transition was reversed and nothing was written"
+                ),
+            ));
+            let _ = reply.send(ApiResponse::ok(
+                json!({"name": name, "state": "disabled", "reversed": true}),
+            ));
+            return;
         }
-        self.ensure_kernel_and_area()?;
-        let opts = Options {
-            force,
-            ..Options::default()
+        let started = (|| {
+            self.check_can_start()?;
+            self.ensure_kernel_and_area()?;
+            let opts = Options {
+                force,
+                ..Options::default()
+            };
+            Ok::<_, PatchError>(
+                self.with_target(|t, l| transition::begin_disable(t, l, name, &opts))?,
+            )
+        })();
+        match started {
+            Ok(flight) => {
+                self.patch_in_flight = Some(PendingPatch {
+                    flight,
+                    reply,
+                    next_at: Instant::now(),
+                });
+                self.poll_patch();
+            }
+            Err(e) => {
+                let _ = reply.send(e.response());
+            }
+        }
+    }
+
+    /// Makes the next attempt of the transition in flight if it is due (and the VM is not
+    /// held paused by a client), answering its client when it ends.
+    pub fn poll_patch(&mut self) {
+        let due = self
+            .patch_in_flight
+            .as_ref()
+            .is_some_and(|p| Instant::now() >= p.next_at);
+        if !due || self.is_paused() {
+            return;
+        }
+        let mut pending = self.patch_in_flight.take().expect("checked above");
+        let result = self.with_target(|t, l| pending.flight.attempt(t, l));
+        let answer = match result {
+            Ok(Progress::RetryIn(wait)) => {
+                tracing::info!(
+                    "patch: {}: blocked, retrying in {wait:?}",
+                    pending.flight.bundle()
+                );
+                pending.next_at = Instant::now() + wait;
+                self.patch_in_flight = Some(pending);
+                return;
+            }
+            Ok(Progress::Done(Completed::Applied(linked))) => {
+                let name = pending.flight.bundle().to_string();
+                let digest = self
+                    .ledger
+                    .bundles()
+                    .iter()
+                    .rev()
+                    .find(|b| b.name == name)
+                    .map(|b| b.digest.clone());
+                let forced = self
+                    .ledger
+                    .bundles()
+                    .iter()
+                    .rev()
+                    .find(|b| b.name == name)
+                    .is_some_and(|b| b.forced);
+                ApiResponse::ok(json!({
+                    "name": name,
+                    "sha256": digest,
+                    "forced": forced,
+                    "attempts": pending.flight.attempts(),
+                    "functions": linked.functions.iter().map(|(n, (a, s))| json!({"name": n, "addr": a, "size": s})).collect::<Vec<_>>(),
+                }))
+            }
+            Ok(Progress::Done(Completed::Disabled)) => ApiResponse::ok(json!({
+                "name": pending.flight.bundle(),
+                "state": "disabled",
+                "attempts": pending.flight.attempts(),
+            })),
+            Err(e) => PatchError::from(e).response(),
         };
-        let mut ledger = std::mem::take(&mut self.ledger);
-        let result = {
-            let mut target = LiveTarget::new(
-                self,
-                self.kernel.as_ref().expect("kernel found"),
-                self.patch_area.expect("area mapped"),
-            );
-            transition::disable(&mut target, &mut ledger, name, &opts, &|| false)
-        };
-        self.ledger = ledger;
-        Ok(result?)
+        let _ = pending.reply.send(answer);
+    }
+
+    /// How long the event loop may sleep before the transition in flight is due.
+    pub fn patch_due_in(&self) -> Option<Duration> {
+        self.patch_in_flight
+            .as_ref()
+            .map(|p| p.next_at.saturating_duration_since(Instant::now()))
+    }
+
+    /// The transition in flight, for `GET /patches`.
+    fn in_flight_json(&self) -> serde_json::Value {
+        match &self.patch_in_flight {
+            Some(p) => json!({
+                "bundle": p.flight.bundle(),
+                "kind": if p.flight.is_apply() { "patching" } else { "unpatching" },
+                "attempts": p.flight.attempts(),
+                "elapsed_ms": u64::try_from(p.flight.elapsed().as_millis()).unwrap_or(u64::MAX),
+            }),
+            None => serde_json::Value::Null,
+        }
     }
 
     /// The ledger's bundles and events, for the API.
@@ -118,7 +275,7 @@ impl RunningVm {
     }
 
     /// `GET /patches`: every bundle with, per function, whether its code is the one that
-    /// runs now (`active`), and the system states in force.
+    /// runs now (`active`), the system states in force, and the transition in flight.
     pub fn patches_json(&self) -> serde_json::Value {
         let bundles: Vec<serde_json::Value> = self
             .ledger
@@ -137,9 +294,10 @@ impl RunningVm {
                 v
             })
             .collect();
-        serde_json::json!({
+        json!({
             "bundles": bundles,
             "states": self.ledger.states().collect::<Vec<_>>(),
+            "transition": self.in_flight_json(),
         })
     }
 }
