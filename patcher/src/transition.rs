@@ -695,6 +695,8 @@ mod tests {
         paused: bool,
         pauses: usize,
         blocked_attempts: Cell<usize>,
+        /// Where the blocking task is (the old cmdline_proc_show unless set).
+        blocked_frame: Cell<u64>,
         fail_write_at: Option<usize>,
         writes: usize,
     }
@@ -716,6 +718,7 @@ mod tests {
                 paused: false,
                 pauses: 0,
                 blocked_attempts: Cell::new(0),
+                blocked_frame: Cell::new(CMDLINE + 0x20),
                 fail_write_at: None,
                 writes: 0,
             }
@@ -805,7 +808,7 @@ mod tests {
                 self.blocked_attempts.set(self.blocked_attempts.get() - 1);
             }
             let frame = if inside {
-                CMDLINE + 0x20
+                self.blocked_frame.get()
             } else {
                 KTEXT + 0x8000
             };
@@ -861,7 +864,10 @@ mod tests {
                 "int new_{f}(void *m, void *v) {{ seq_puts(m, \"this has been live patched\\n\"); return 0; }}\n"
             ));
         }
-        let dir = std::env::temp_dir().join(format!("patcher-tr-{}-{name}", std::process::id()));
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("patcher-tr-{}-{name}-{seq}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("p.c"), src).unwrap();
         let ok = std::process::Command::new("cc")
@@ -1173,6 +1179,41 @@ mod tests {
         assert_eq!(
             ledger.bundles()[0].status,
             crate::ledger::BundleStatus::Enabled
+        );
+    }
+
+    #[test]
+    fn an_unpatching_transition_can_be_reversed_too() {
+        let mut vm = FakeVm::new();
+        let mut ledger = Ledger::new();
+        let b = bundle("cmdline", &["cmdline_proc_show"]);
+        let linked = apply(&mut vm, &mut ledger, &b, "d", &quick(), &|| false).unwrap();
+        let (text, area) = (vm.text.clone(), vm.area.clone());
+        // A task sleeps in the new code.
+        let (new, _) = linked.functions["new_cmdline_proc_show"];
+        vm.blocked_frame.set(new + 0x10);
+        vm.blocked_attempts.set(usize::MAX);
+        let mut flight = begin_disable(&mut vm, &mut ledger, "cmdline", &quick()).unwrap();
+        assert!(!flight.is_apply());
+        assert!(matches!(
+            flight.attempt(&mut vm, &mut ledger).unwrap(),
+            Progress::RetryIn(_)
+        ));
+        flight.reverse(&mut vm, &mut ledger);
+        // Still patched, its code still loaded.
+        assert_eq!((vm.text == text, vm.area == area), (true, true));
+        assert_eq!(vm.site(CMDLINE), jmp_rel32(CMDLINE, new).unwrap());
+        assert_eq!(
+            ledger.bundles()[0].status,
+            crate::ledger::BundleStatus::Enabled
+        );
+        let log = whats(&ledger, "cmdline");
+        assert_eq!(
+            &log[log.len() - 2..],
+            [
+                "reversing transition from unpatching to patching",
+                "patching complete (nothing had been written)"
+            ]
         );
     }
 

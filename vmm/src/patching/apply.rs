@@ -98,7 +98,8 @@ impl RunningVm {
     }
 
     /// `PUT /patches`: starts applying the bundle at `path` and makes its first attempt;
-    /// `reply` gets the answer when the transition completes or fails.
+    /// `reply` gets the answer when the transition completes or fails. If that bundle's
+    /// disable is still in transition, it is reversed instead (the bundle stays enabled).
     pub fn start_apply(
         &mut self,
         path: &str,
@@ -108,7 +109,6 @@ impl RunningVm {
         reply: Sender<ApiResponse>,
     ) {
         let started = (|| {
-            self.check_can_start()?;
             let bytes = std::fs::read(path).map_err(|e| PatchError::Bundle {
                 path: path.into(),
                 detail: e.to_string(),
@@ -117,6 +117,18 @@ impl RunningVm {
                 path: path.into(),
                 detail: e.to_string(),
             })?;
+            let name = &bundle.manifest.name;
+            let reversing = self
+                .patch_in_flight
+                .as_ref()
+                .is_some_and(|p| !p.flight.is_apply() && p.flight.bundle() == name);
+            if reversing && !self.is_paused() {
+                let name = name.clone();
+                self.reverse_in_flight(&name);
+                // Reversed instead of started.
+                return Ok(Err(name));
+            }
+            self.check_can_start()?;
             self.ensure_kernel_and_area()?;
             let digest = Bundle::digest_hex(&bytes);
             let opts = Options {
@@ -127,10 +139,17 @@ impl RunningVm {
             };
             let flight =
                 self.with_target(|t, l| transition::begin_apply(t, l, &bundle, &digest, &opts))?;
-            Ok::<_, PatchError>((flight, digest))
+            Ok::<_, PatchError>(Ok(flight))
         })();
         match started {
-            Ok((flight, _)) => {
+            Ok(Err(name)) => {
+                let _ = reply.send(ApiResponse::ok(json!({
+                    "name": name,
+                    "state": "enabled",
+                    "reversed": true,
+                })));
+            }
+            Ok(Ok(flight)) => {
                 self.patch_in_flight = Some(PendingPatch {
                     flight,
                     reply,
@@ -152,16 +171,7 @@ impl RunningVm {
             .as_ref()
             .is_some_and(|p| p.flight.is_apply() && p.flight.bundle() == name);
         if reversing && !self.is_paused() {
-            let pending = self.patch_in_flight.take().expect("checked above");
-            let attempts = pending.flight.attempts();
-            self.with_target(|t, l| pending.flight.reverse(t, l));
-            let _ = pending.reply.send(ApiResponse::error(
-                409,
-                format!(
-                    "bundle {name} was disabled while in transition (after {attempts} blocked \
-                     attempts); the transition was reversed and nothing was written"
-                ),
-            ));
+            self.reverse_in_flight(name);
             let _ = reply.send(ApiResponse::ok(
                 json!({"name": name, "state": "disabled", "reversed": true}),
             ));
@@ -191,6 +201,28 @@ impl RunningVm {
                 let _ = reply.send(e.response());
             }
         }
+    }
+
+    /// Reverses the transition in flight (of bundle `name`): nothing of it was written.
+    /// Its own request is answered 409.
+    fn reverse_in_flight(&mut self, name: &str) {
+        let Some(pending) = self.patch_in_flight.take() else {
+            return;
+        };
+        let attempts = pending.flight.attempts();
+        let (was, now) = if pending.flight.is_apply() {
+            ("disabled", "patching")
+        } else {
+            ("enabled", "unpatching")
+        };
+        self.with_target(|t, l| pending.flight.reverse(t, l));
+        let _ = pending.reply.send(ApiResponse::error(
+            409,
+            format!(
+                "bundle {name} was {was} while in transition (after {attempts} blocked \
+                 attempts); the {now} transition was reversed and nothing was written"
+            ),
+        ));
     }
 
     /// Makes the next attempt of the transition in flight if it is due (and the VM is not
