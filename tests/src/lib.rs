@@ -285,6 +285,29 @@ pub fn restore_fixture(tag: &str) -> Guest {
     guest
 }
 
+/// Builds the sample patch `guest-images/patches/SAMPLE` from its `manifest` and C
+/// `source` with `vmm bundle build` (kbuild against the guest kernel's headers) and
+/// returns the bundle's path.
+pub fn build_sample_bundle(sample: &str, manifest: &str, source: &str) -> String {
+    let dir = workspace_root().join("guest-images/patches").join(sample);
+    let out = std::env::temp_dir().join(format!(
+        "vmm-{sample}-{manifest}-{}.bundle",
+        std::process::id()
+    ));
+    vmm_ok(
+        &[
+            "bundle",
+            "build",
+            dir.join(manifest).to_str().unwrap(),
+            dir.join(source).to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        Duration::from_secs(300),
+    );
+    out.display().to_string()
+}
+
 /// Runs `vmm ARGS`, requires success and returns its stdout.
 pub fn vmm_ok(args: &[&str], timeout: Duration) -> String {
     let (status, out, err) = run_vmm(args, timeout);
