@@ -212,3 +212,43 @@ fn atomic_replace_livepatch() {
         "{list}"
     );
 }
+
+/// FO-1: a forced apply (kthreadd sleeps in the function, so the check would never clear)
+/// is recorded as forced, and its code is never released, even after a clean disable: a
+/// task may still run it (the kernel keeps a forced patch's module loaded for good).
+#[test]
+fn forced_bundles_keep_their_memory() {
+    let busy = build_sample_bundle("busy-kthreadd", "manifest.json", "livepatch_kthreadd.c");
+    let guest = restore_fixture("fo1");
+    let s = guest.api_socket.clone();
+    let text = || json(&api(&s, "GET", "/kernel/text?symbol=kthreadd", "").1)["bytes"].clone();
+    let before = text();
+    let (status, body) = api(
+        &s,
+        "PUT",
+        "/patches",
+        &format!(r#"{{"bundle":"{busy}","force":true}}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["forced"], true, "{body}");
+    assert_ne!(text(), before, "kthreadd is redirected");
+    let b = &json(&api(&s, "GET", "/patches", "").1)["bundles"][0];
+    assert_eq!(
+        (&b["forced"], &b["pinned"]),
+        (&Value::Bool(true), &Value::Bool(true))
+    );
+    let memory = b["memory"].clone();
+    assert!(memory["size"].as_u64().unwrap() > 0, "{b}");
+    // kthreadd still sleeps in its original code, not in the bundle's: the disable clears.
+    disable(&s, "busy-kthreadd-demo");
+    assert_eq!(text(), before);
+    let b = &json(&api(&s, "GET", "/patches", "").1)["bundles"][0];
+    assert_eq!(b["status"], "disabled");
+    assert_eq!(b["memory"], memory, "pinned memory is kept");
+    let events = json(&api(&s, "GET", "/patches/events", "").1);
+    let last = events["events"].as_array().unwrap().last().unwrap()["what"].clone();
+    assert!(
+        last.as_str().unwrap().starts_with("patch memory kept ("),
+        "{last}"
+    );
+}
