@@ -216,6 +216,7 @@ mod tests {
                     new: "livepatch_cmdline_proc_show".into(),
                 }],
                 states: vec![],
+                symbols: vec![],
             },
             object: b"\x7fELF fake object".to_vec(),
         }

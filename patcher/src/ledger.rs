@@ -754,6 +754,7 @@ mod tests {
                     actions: Vec::new(),
                 })
                 .collect(),
+            symbols: Vec::new(),
         }
     }
 

@@ -315,8 +315,11 @@ pub fn link(
                     img[at..at + 8].copy_from_slice(&v.to_le_bytes());
                 }
                 object::elf::R_X86_64_PC32 | object::elf::R_X86_64_PLT32 => {
-                    let v = i128::from(s) + a - i128::from(place);
-                    let v = i32::try_from(v).map_err(|_| overflow("PC32", v))?;
+                    // RIP-relative addressing wraps modulo 2^64: a per-CPU variable (a
+                    // small offset, `%gs:sym(%rip)`) is reached from the top 2 GiB the way
+                    // the kernel's own text reaches it.
+                    let v = (i128::from(s) + a - i128::from(place)) as u64 as i64;
+                    let v = i32::try_from(v).map_err(|_| overflow("PC32", i128::from(v)))?;
                     img[at..at + 4].copy_from_slice(&v.to_le_bytes());
                 }
                 object::elf::R_X86_64_32S => {
@@ -457,6 +460,26 @@ mod tests {
             .any(|(n, v)| n == "kernel_counter" && *v == 0xffff_ffff_8250_0000));
         assert_eq!(p.data_addr % 4096, 0);
         assert!(p.size() <= 3 * 4096);
+    }
+
+    #[test]
+    fn per_cpu_references_wrap_around_like_the_kernels_own() {
+        // `%gs:sym(%rip)` to a per-CPU offset (kallsyms gives cpu_number as 0x19160):
+        // the displacement is reached modulo 2^64 from the top 2 GiB.
+        let obj = compile(
+            "percpu",
+            "int new_fn(void) { int v; \
+             asm(\"movl %%gs:cpu_number(%%rip), %0\" : \"=r\"(v)); return v; }\n",
+        );
+        let resolver = Kallsyms([("cpu_number", 0x19160)].into_iter().collect());
+        let p = link(&obj, BASE, 1 << 20, &resolver, &HashMap::new()).unwrap();
+        let (addr, size) = p.functions["new_fn"];
+        let d = Decoder::with_ip(64, &p.text[..size as usize], addr, DecoderOptions::NONE);
+        let mov = d
+            .into_iter()
+            .find(|i| i.mnemonic() == Mnemonic::Mov && i.is_ip_rel_memory_operand())
+            .expect("the per-CPU load");
+        assert_eq!(mov.ip_rel_memory_address(), 0x19160);
     }
 
     #[test]

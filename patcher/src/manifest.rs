@@ -25,6 +25,16 @@ pub struct Replacement {
     pub new: String,
 }
 
+/// Which of several same-named kernel symbols the patch code means when it refers to one
+/// (kpatch writes this as `.klp.sym.vmlinux.NAME,POS`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SymbolRef {
+    pub name: String,
+    /// Position among kallsyms symbols of that name (1-based).
+    pub sympos: u32,
+}
+
 /// A system state the patch introduces or understands (kernel livepatch "states").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -102,6 +112,9 @@ pub struct Manifest {
     pub functions: Vec<Replacement>,
     #[serde(default)]
     pub states: Vec<State>,
+    /// Kernel symbols the patch code refers to whose names are not unique in kallsyms.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub symbols: Vec<SymbolRef>,
 }
 
 fn one() -> u32 {
@@ -189,6 +202,21 @@ impl Manifest {
                 ));
             }
         }
+        if self.symbols.len() > MAX_FUNCTIONS {
+            return bad(format!("more than {MAX_FUNCTIONS} symbols"));
+        }
+        let mut refs = std::collections::HashSet::new();
+        for r in &self.symbols {
+            if !valid_symbol(&r.name) {
+                return bad(format!("symbol name {:?} is not a symbol name", r.name));
+            }
+            if r.sympos == 0 {
+                return bad(format!("symbol {}: sympos counts from 1", r.name));
+            }
+            if !refs.insert(r.name.as_str()) {
+                return bad(format!("symbol {} is given a position twice", r.name));
+            }
+        }
         let mut ids = std::collections::HashSet::new();
         for s in &self.states {
             if s.id == 0 {
@@ -249,7 +277,8 @@ mod tests {
         "functions": [{"old": "cmdline_proc_show", "new": "livepatch_cmdline_proc_show"},
                       {"old": "show_val.isra.0", "sympos": 2, "new": "new_show_val"}],
         "states": [{"id": 7, "version": 1,
-                    "actions": [{"symbol": "console_loglevel", "size": 4, "value": 15}]}]
+                    "actions": [{"symbol": "console_loglevel", "size": 4, "value": 15}]}],
+        "symbols": [{"name": "pgd_val", "sympos": 2}]
     }"#;
 
     #[test]
@@ -338,6 +367,15 @@ mod tests {
                 ),
                 "two state actions",
             ),
+            (GOOD.replace("\"sympos\": 2}]\n", "\"sympos\": 0}]\n"), "sympos counts from 1"),
+            (
+                GOOD.replace(
+                    "{\"name\": \"pgd_val\", \"sympos\": 2}",
+                    "{\"name\": \"pgd_val\", \"sympos\": 2}, {\"name\": \"pgd_val\", \"sympos\": 1}",
+                ),
+                "given a position twice",
+            ),
+            (GOOD.replace("\"pgd_val\"", "\"pgd val\""), "not a symbol name"),
         ];
         for (text, want) in cases {
             let err = Manifest::from_json(&text)

@@ -157,6 +157,7 @@ mod tests {
                 new: new.into(),
             }],
             states: vec![],
+            symbols: vec![],
         }
     }
 

@@ -568,14 +568,13 @@ pub fn begin_apply<T: PatchTarget>(
             .into(),
         ));
     };
-    let linked = linker::link(
-        &bundle.object,
-        base,
-        need,
-        &Resolver(target),
-        &HashMap::new(),
-    )
-    .map_err(|e| reject(ledger, e.into()))?;
+    let positions: HashMap<String, u32> = m
+        .symbols
+        .iter()
+        .map(|r| (r.name.clone(), r.sympos))
+        .collect();
+    let linked = linker::link(&bundle.object, base, need, &Resolver(target), &positions)
+        .map_err(|e| reject(ledger, e.into()))?;
     // A bundle of state actions alone has no code or data and holds no memory.
     let memory = (linked.size() > 0).then_some(PatchMemory {
         base,
@@ -907,6 +906,7 @@ mod tests {
                     })
                     .collect(),
                 states: vec![],
+                symbols: vec![],
             },
             object,
         }

@@ -467,3 +467,46 @@ fn a_blocked_transition_can_be_reversed_while_the_guest_and_api_carry_on() {
     let (status, body) = api(&s, "PUT", "/patches", &format!(r#"{{"bundle":"{other}"}}"#));
     assert_eq!(status, 200, "{body}");
 }
+
+/// A replacement that calls a static kernel function whose name is not unique (the second
+/// `pgd_val`, by sympos from the manifest), reads globals (`jiffies`, `_totalram_pages`)
+/// and a per-CPU variable (`cpu_number`), and prints what it found on the console.
+#[test]
+fn a_replacement_calls_static_functions_and_reads_globals_and_per_cpu_data() {
+    let bundle = build_bundle_from("sysrq-calls", "manifest.json", "livepatch_sysrq_calls.c");
+    let mut guest = restore_fixture("calls");
+    let s = guest.api_socket.clone();
+    let (status, body) = api(
+        &s,
+        "PUT",
+        "/patches",
+        &format!(r#"{{"bundle":"{bundle}"}}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    guest.sysrq('w');
+    guest.wait_for("this has been live patched (sysrq w): ", T);
+    let line = guest.wait_for("\n", T);
+    // "cpu N, jiffies J, totalram P pages, pgd_val(0x1000) = 0x1000"
+    let field = |name: &str| -> u64 {
+        let rest = &line[line
+            .find(name)
+            .unwrap_or_else(|| panic!("{name} in {line}"))
+            + name.len()..];
+        let digits: String = rest
+            .trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_hexdigit() || *c == 'x')
+            .collect();
+        match digits.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).unwrap(),
+            None => digits
+                .parse()
+                .unwrap_or_else(|e| panic!("{name}: {e} in {line}")),
+        }
+    };
+    assert!(field("cpu ") < 2, "{line}");
+    assert!(field("jiffies ") > 0, "{line}");
+    let pages = field("totalram ");
+    assert!(pages > 1000 && pages <= 512 * 256, "{line}");
+    assert_eq!(field("= "), 0x1000, "{line}");
+}

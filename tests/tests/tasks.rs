@@ -140,6 +140,7 @@ fn tasks_and_stacks_match_the_kernels_own_sysrq_t() {
     // Sleeping tasks whose host trace did not change across the dump must have exactly
     // the frames the kernel's unwinder printed, and be reliable.
     let mut compared = 0;
+    let mut lost = 0;
     for t in &after {
         let pid = t["pid"].as_i64().unwrap();
         let Some(k) = kernel.get(&pid) else { continue };
@@ -154,12 +155,18 @@ fn tasks_and_stacks_match_the_kernels_own_sysrq_t() {
             continue;
         }
         assert_eq!(t["trace"]["reliable"], true, "pid {pid}: {t}");
+        // A sleeping task always has frames: none printed means the console lost them
+        // (printk drops lines a slow console cannot keep up with on a loaded host).
+        if k.frames.is_empty() {
+            lost += 1;
+            continue;
+        }
         assert_eq!(frames(t), k.frames, "pid {pid} ({})", k.comm);
         compared += 1;
     }
     assert!(
-        compared >= 20,
-        "only {compared} stable sleeping tasks compared"
+        compared >= 20 && lost <= 5,
+        "only {compared} stable sleeping tasks compared ({lost} printed without frames)"
     );
 
     // The live context of each vCPU unwinds reliably to a real bottom: user mode (pid 1
@@ -172,7 +179,19 @@ fn tasks_and_stacks_match_the_kernels_own_sysrq_t() {
             "--api-socket",
             s.to_str().unwrap(),
         ]);
-        assert!(out.trim_end().ends_with("reliable"), "cpu {cpu}: {out}");
+        // A vCPU stopped inside a return thunk between a retpoline's `ret` and its jump
+        // target has the target's entry, not a return address, on its stack: the kernel's
+        // ORC cannot describe that instant either, so it is flagged unreliable.
+        let top = out.lines().find(|l| l.starts_with("[<0>]")).unwrap_or("");
+        let in_thunk = ["srso_", "return_thunk", "__x86_indirect_thunk"]
+            .iter()
+            .any(|t| top.contains(t));
+        let verdict = out.trim_end().lines().last().unwrap_or("");
+        if in_thunk {
+            assert!(verdict.starts_with("unreliable: "), "cpu {cpu}: {out}");
+            continue;
+        }
+        assert_eq!(verdict, "reliable", "cpu {cpu}: {out}");
         let frames: Vec<&str> = out.lines().filter(|l| l.starts_with("[<0>]")).collect();
         let bottom = frames.last().copied().unwrap_or("");
         assert!(
