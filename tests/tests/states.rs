@@ -8,26 +8,13 @@
 
 use std::time::Duration;
 
-use integration_tests::{api, restore_fixture, run_vmm, vmm_ok, workspace_root, Guest};
+use integration_tests::{api, build_sample_bundle, restore_fixture, run_vmm, vmm_ok, Guest};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(300);
 
-fn build(manifest: &str, tag: &str) -> String {
-    let dir = workspace_root().join("guest-images/patches/loglevel-state");
-    let out = std::env::temp_dir().join(format!("vmm-{tag}-{}.bundle", std::process::id()));
-    vmm_ok(
-        &[
-            "bundle",
-            "build",
-            dir.join(manifest).to_str().unwrap(),
-            dir.join("livepatch_loglevel.c").to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ],
-        T,
-    );
-    out.display().to_string()
+fn build(manifest: &str) -> String {
+    build_sample_bundle("loglevel-state", manifest, "livepatch_loglevel.c")
 }
 
 fn json(body: &str) -> Value {
@@ -83,8 +70,8 @@ fn transcript(s: &std::path::Path, bundle: &str) -> Vec<String> {
 
 #[test]
 fn state_actions_change_the_guest_and_are_taken_over_and_restored() {
-    let v1 = build("manifest.json", "loglevel1");
-    let v2 = build("manifest-v2.json", "loglevel2");
+    let v1 = build("manifest.json");
+    let v2 = build("manifest-v2.json");
     let mut guest = restore_fixture("states");
     let s = guest.api_socket.clone();
     let original = loglevel(&s);

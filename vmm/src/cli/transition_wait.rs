@@ -27,7 +27,7 @@ pub fn wait(
         let _ = tx.send(answer);
     });
     let stop = vmm::signals::install_stop_handlers().ok();
-    let started = Instant::now();
+    let mut next_report = Instant::now() + Duration::from_secs(1);
     let mut interrupted = false;
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
@@ -52,18 +52,15 @@ pub fn wait(
             }
             continue;
         }
-        if started.elapsed() >= Duration::from_secs(1) {
-            report(socket, bundle, started);
+        if Instant::now() >= next_report {
+            report(socket, bundle);
+            next_report += Duration::from_secs(1);
         }
     }
 }
 
-/// One progress line per second while the transition of `bundle` is in flight.
-fn report(socket: &Path, bundle: &str, started: Instant) {
-    let whole_seconds = started.elapsed().as_millis() % 1000 < 200;
-    if !whole_seconds {
-        return;
-    }
+/// A progress line if the transition of `bundle` is in flight.
+fn report(socket: &Path, bundle: &str) {
     let Ok((200, text)) = client::request(socket, "GET", "/patches", None) else {
         return;
     };

@@ -149,17 +149,8 @@ impl RunningVm {
                     "reversed": true,
                 })));
             }
-            Ok(Ok(flight)) => {
-                self.patch_in_flight = Some(PendingPatch {
-                    flight,
-                    reply,
-                    next_at: Instant::now(),
-                });
-                self.poll_patch();
-            }
-            Err(e) => {
-                let _ = reply.send(e.response());
-            }
+            Ok(Ok(flight)) => self.launch(Ok(flight), reply),
+            Err(e) => self.launch(Err(e), reply),
         }
     }
 
@@ -188,6 +179,12 @@ impl RunningVm {
                 self.with_target(|t, l| transition::begin_disable(t, l, name, &opts))?,
             )
         })();
+        self.launch(started, reply);
+    }
+
+    /// Makes the first attempt of a transition that started (its client is answered when
+    /// it ends), or answers the client with why it did not start.
+    fn launch(&mut self, started: Result<InFlight, PatchError>, reply: Sender<ApiResponse>) {
         match started {
             Ok(flight) => {
                 self.patch_in_flight = Some(PendingPatch {
@@ -248,25 +245,12 @@ impl RunningVm {
                 return;
             }
             Ok(Progress::Done(Completed::Applied(linked))) => {
-                let name = pending.flight.bundle().to_string();
-                let digest = self
-                    .ledger
-                    .bundles()
-                    .iter()
-                    .rev()
-                    .find(|b| b.name == name)
-                    .map(|b| b.digest.clone());
-                let forced = self
-                    .ledger
-                    .bundles()
-                    .iter()
-                    .rev()
-                    .find(|b| b.name == name)
-                    .is_some_and(|b| b.forced);
+                let name = pending.flight.bundle();
+                let record = self.ledger.bundles().iter().rev().find(|b| b.name == name);
                 ApiResponse::ok(json!({
                     "name": name,
-                    "sha256": digest,
-                    "forced": forced,
+                    "sha256": record.map(|b| b.digest.as_str()),
+                    "forced": record.is_some_and(|b| b.forced),
                     "attempts": pending.flight.attempts(),
                     "functions": linked.functions.iter().map(|(n, (a, s))| json!({"name": n, "addr": a, "size": s})).collect::<Vec<_>>(),
                 }))
