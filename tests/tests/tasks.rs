@@ -155,18 +155,21 @@ fn tasks_and_stacks_match_the_kernels_own_sysrq_t() {
             continue;
         }
         assert_eq!(t["trace"]["reliable"], true, "pid {pid}: {t}");
-        // A sleeping task always has frames: none printed means the console lost them
-        // (printk drops lines a slow console cannot keep up with on a loaded host).
-        if k.frames.is_empty() {
+        // A sleeping task's trace always ends at its thread's first function: a printed
+        // trace that stops early (or has no frames at all) is one whose last lines the
+        // console lost on a loaded host (seen in CI: kcompactd0 printed with only its
+        // `__schedule` frame). What was printed must still be the host's frames, in order.
+        let host = frames(t);
+        if k.frames.len() < host.len() && host.starts_with(&k.frames) {
             lost += 1;
             continue;
         }
-        assert_eq!(frames(t), k.frames, "pid {pid} ({})", k.comm);
+        assert_eq!(host, k.frames, "pid {pid} ({})", k.comm);
         compared += 1;
     }
     assert!(
         compared >= 20 && lost <= 5,
-        "only {compared} stable sleeping tasks compared ({lost} printed without frames)"
+        "only {compared} stable sleeping tasks compared ({lost} printed with frames missing)"
     );
 
     // The live context of each vCPU unwinds reliably to a real bottom: user mode (pid 1
