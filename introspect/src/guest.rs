@@ -5,8 +5,9 @@
 
 use crate::btf::{Btf, BtfError};
 use crate::cpu::{CpuRegs, Vcpus};
-use crate::kernel::{Kernel, KernelError};
+use crate::kernel::{KallsymsFrom, Kernel, KernelError};
 use crate::memory::{GuestPhysMemory, MemError};
+use crate::modules::{self, Module, ModuleError, ModuleLayout};
 use crate::orc::{OrcError, OrcTable};
 use crate::paging::{PageTables, VirtMemory};
 use crate::stacks::{CpuStackLayout, TaskTrace, Unwinder};
@@ -37,6 +38,8 @@ pub enum GuestError {
     Orc(#[from] OrcError),
     #[error("{0}")]
     Tasks(#[from] TaskError),
+    #[error("modules: {0}")]
+    Modules(#[from] ModuleError),
 }
 
 /// A guest kernel ready for task walks and unwinding.
@@ -52,6 +55,8 @@ pub struct GuestKernel {
     text: Vec<(u64, u64)>,
     ret_from_fork: u64,
     trampolines: Vec<u64>,
+    /// The `modules` list head and `struct module`'s layout, or why they are unknown.
+    module_list: Result<(u64, ModuleLayout), String>,
 }
 
 /// One task and its kernel stack trace.
@@ -64,7 +69,12 @@ pub struct TaskStackTrace {
 impl GuestKernel {
     /// Finds the kernel in `mem` and loads what task walks and unwinding need.
     pub fn load(mem: &dyn GuestPhysMemory) -> Result<Self, GuestError> {
-        let kernel = Kernel::discover(mem)?;
+        Self::load_with(mem, KallsymsFrom::Auto)
+    }
+
+    /// [`GuestKernel::load`], taking the kallsyms tables from `from`.
+    pub fn load_with(mem: &dyn GuestPhysMemory, from: KallsymsFrom) -> Result<Self, GuestError> {
+        let kernel = Kernel::discover_with(mem, from)?;
         let sym = |name: &str| {
             kernel
                 .symbols
@@ -156,7 +166,13 @@ impl GuestKernel {
         .iter()
         .filter_map(|n| sym(n).ok())
         .collect();
+        let module_list = match (sym("modules"), ModuleLayout::from_btf(&btf)) {
+            (Ok(head), Ok(layout)) => Ok((head, layout)),
+            (Err(e), _) => Err(e.to_string()),
+            (_, Err(e)) => Err(e.to_string()),
+        };
         Ok(GuestKernel {
+            module_list,
             ret_from_fork: sym("ret_from_fork")?,
             trampolines,
             kernel,
@@ -168,6 +184,16 @@ impl GuestKernel {
             page_tables,
             text,
         })
+    }
+
+    /// The loaded modules, in `/proc/kallsyms` order. Modules come and go: read them while
+    /// the vCPUs are paused, or from a snapshot.
+    pub fn modules(&self, mem: &dyn GuestPhysMemory) -> Result<Vec<Module>, GuestError> {
+        let (head, layout) = self
+            .module_list
+            .as_ref()
+            .map_err(|e| ModuleError::Btf(e.clone()))?;
+        Ok(modules::enumerate(&self.virt(mem), layout, *head)?)
     }
 
     /// Kernel virtual memory through the kernel's page tables.

@@ -1,7 +1,9 @@
 //! Finding the running kernel: release, build ID, KASLR offset, `phys_base` and its
 //! symbol table, starting from nothing but guest memory (through vmcoreinfo).
 
-use crate::kallsyms::{self, KallsymsError, KernelImage, SymbolTable, Tables};
+use std::fmt;
+
+use crate::kallsyms::{self, locate, KallsymsError, KernelImage, SymbolTable, Tables};
 use crate::memory::GuestPhysMemory;
 use crate::vmcoreinfo::{self, Vmcoreinfo, VmcoreinfoError};
 
@@ -18,6 +20,35 @@ pub enum KernelError {
     Inconsistent(String),
 }
 
+/// Where the kallsyms tables' addresses come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KallsymsFrom {
+    /// vmcoreinfo's `SYMBOL(kallsyms_*)` lines when it has them (6.0 and later), else a
+    /// scan of the kernel image.
+    #[default]
+    Auto,
+    /// vmcoreinfo only.
+    Vmcoreinfo,
+    /// A scan of the kernel image only (`kallsyms::locate`), whatever vmcoreinfo says.
+    Scan,
+}
+
+/// How the tables were found, for reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KallsymsFound {
+    Vmcoreinfo,
+    Scan(locate::Layout),
+}
+
+impl fmt::Display for KallsymsFound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KallsymsFound::Vmcoreinfo => write!(f, "vmcoreinfo"),
+            KallsymsFound::Scan(layout) => write!(f, "image scan ({layout})"),
+        }
+    }
+}
+
 /// The running kernel.
 #[derive(Debug, Clone)]
 pub struct Kernel {
@@ -28,6 +59,7 @@ pub struct Kernel {
     pub image: KernelImage,
     pub vmcoreinfo: Vmcoreinfo,
     pub symbols: SymbolTable,
+    pub kallsyms_found: KallsymsFound,
     /// `page_offset_base`, `vmalloc_base`, `vmemmap_base` (randomized by KASLR).
     pub direct_map_base: Option<u64>,
     pub vmalloc_base: Option<u64>,
@@ -43,19 +75,45 @@ impl Kernel {
     /// Finds the kernel in `mem` and decodes its symbols; cross-checks `_text`,
     /// `_stext` and the KASLR offset against each other.
     pub fn discover(mem: &dyn GuestPhysMemory) -> Result<Self, KernelError> {
+        Self::discover_with(mem, KallsymsFrom::Auto)
+    }
+
+    /// [`Kernel::discover`], taking the kallsyms tables from `from`.
+    pub fn discover_with(
+        mem: &dyn GuestPhysMemory,
+        from: KallsymsFrom,
+    ) -> Result<Self, KernelError> {
         let info = vmcoreinfo::find(mem)?;
         let sym = |name: &'static str| info.symbol(name).ok_or(KernelError::Missing(name));
         let phys_base = info
             .number("phys_base")
             .ok_or(KernelError::Missing("NUMBER(phys_base)"))? as u64;
         let image = KernelImage { phys_base };
-        let tables = Tables {
-            num_syms: sym("kallsyms_num_syms")?,
-            names: sym("kallsyms_names")?,
-            offsets: sym("kallsyms_offsets")?,
-            relative_base: sym("kallsyms_relative_base")?,
-            token_table: sym("kallsyms_token_table")?,
-            token_index: sym("kallsyms_token_index")?,
+        let named = || -> Result<Tables, KernelError> {
+            Ok(Tables {
+                num_syms: sym("kallsyms_num_syms")?,
+                names: sym("kallsyms_names")?,
+                offsets: sym("kallsyms_offsets")?,
+                relative_base: sym("kallsyms_relative_base")?,
+                token_table: sym("kallsyms_token_table")?,
+                token_index: sym("kallsyms_token_index")?,
+            })
+        };
+        let scanned = || -> Result<(Tables, KallsymsFound), KernelError> {
+            let offset = info
+                .kernel_offset()
+                .ok_or(KernelError::Missing("KERNELOFFSET"))?;
+            let found = locate::scan(mem, image, LINK_TEXT.wrapping_add(offset))?;
+            Ok((found.tables, KallsymsFound::Scan(found.layout)))
+        };
+        let (tables, kallsyms_found) = match from {
+            KallsymsFrom::Vmcoreinfo => (named()?, KallsymsFound::Vmcoreinfo),
+            KallsymsFrom::Scan => scanned()?,
+            KallsymsFrom::Auto => match named() {
+                Ok(t) => (t, KallsymsFound::Vmcoreinfo),
+                Err(KernelError::Missing(_)) => scanned()?,
+                Err(e) => return Err(e),
+            },
         };
         let symbols = kallsyms::decode(mem, image, tables)?;
         let text = symbols
@@ -109,6 +167,7 @@ impl Kernel {
             image,
             vmcoreinfo: info,
             symbols,
+            kallsyms_found,
         })
     }
 }

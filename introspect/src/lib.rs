@@ -8,6 +8,7 @@ pub mod guest;
 pub mod kallsyms;
 pub mod kernel;
 pub mod memory;
+pub mod modules;
 pub mod orc;
 pub mod paging;
 pub mod stacks;

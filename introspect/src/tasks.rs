@@ -199,28 +199,7 @@ fn walk_list(
     member: u64,
     name: &'static str,
 ) -> Result<Vec<u64>, TaskError> {
-    let mut out = Vec::new();
-    let mut seen = HashSet::new();
-    let mut cur = read_u64(m, head, name)?;
-    while cur != head {
-        if out.len() >= MAX_TASKS {
-            return Err(TaskError::TornList(
-                name,
-                format!("more than {MAX_TASKS} entries"),
-            ));
-        }
-        if !seen.insert(cur) {
-            return Err(TaskError::TornList(
-                name,
-                format!("{cur:#x} is linked twice without reaching the head"),
-            ));
-        }
-        out.push(cur.wrapping_sub(member));
-        cur = m
-            .read_u64(cur)
-            .map_err(|e| TaskError::TornList(name, format!("link at {cur:#x}: {e}")))?;
-    }
-    Ok(out)
+    crate::virt::walk_list(m, head, member, MAX_TASKS).map_err(|e| TaskError::TornList(name, e))
 }
 
 fn read_task(

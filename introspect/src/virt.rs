@@ -2,7 +2,7 @@
 //! unwinding use, implemented over the page walker for real guests and over a sparse map
 //! for tests.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::paging::VirtMemory;
 
@@ -32,6 +32,38 @@ impl KernelMemory for VirtMemory<'_> {
     fn read_virt(&self, va: u64, buf: &mut [u8]) -> Result<(), String> {
         VirtMemory::read_virt(self, va, buf).map_err(|e| e.to_string())
     }
+}
+
+/// The entries of a circular `list_head` list: the address of each containing object
+/// (`member` is the list_head's offset in it), in list order. At most `max` entries; a
+/// node seen twice before the head comes back is an error, so a hostile or torn list
+/// cannot loop. Errors are plain messages for the caller's error type.
+pub fn walk_list(
+    m: &dyn KernelMemory,
+    head: u64,
+    member: u64,
+    max: usize,
+) -> Result<Vec<u64>, String> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    let mut cur = m
+        .read_u64(head)
+        .map_err(|e| format!("list head at {head:#x}: {e}"))?;
+    while cur != head {
+        if out.len() >= max {
+            return Err(format!("more than {max} entries"));
+        }
+        if !seen.insert(cur) {
+            return Err(format!(
+                "{cur:#x} is linked twice without reaching the head"
+            ));
+        }
+        out.push(cur.wrapping_sub(member));
+        cur = m
+            .read_u64(cur)
+            .map_err(|e| format!("link at {cur:#x}: {e}"))?;
+    }
+    Ok(out)
 }
 
 /// Sparse virtual memory in 4 KiB pages, for tests and fuzzing.

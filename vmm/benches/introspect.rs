@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use introspect::guest::GuestKernel;
-use introspect::kernel::Kernel;
+use introspect::kernel::{KallsymsFrom, Kernel};
 use introspect::memory::RegionMemory;
 use vmm::introspection::cpu_regs;
 use vmm::persist::snapshot::{VmSnapshot, MEMORY_FILE, STATE_FILE};
@@ -53,6 +53,9 @@ fn benches(c: &mut Criterion) {
     });
     g.bench_function("discover_kernel_and_kallsyms", |b| {
         b.iter(|| Kernel::discover(&mem).unwrap())
+    });
+    g.bench_function("discover_kernel_and_kallsyms_by_image_scan", |b| {
+        b.iter(|| Kernel::discover_with(&mem, KallsymsFrom::Scan).unwrap())
     });
     g.bench_function("cold_start_kallsyms_btf_orc", |b| {
         b.iter(|| GuestKernel::load(&mem).unwrap())

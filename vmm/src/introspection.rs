@@ -5,9 +5,10 @@
 use std::path::Path;
 
 use introspect::cpu::{CpuRegs, Vcpus};
-use introspect::guest::{GuestKernel, TaskStackTrace};
-use introspect::kallsyms::{Symbol, SymbolTable};
+use introspect::guest::{GuestError, GuestKernel, TaskStackTrace};
+use introspect::kallsyms::{LookupError, Symbol, SymbolTable};
 use introspect::memory::{FileMemory, GuestPhysMemory, MemError};
+use introspect::modules::{Module, ModuleSymbol};
 use introspect::orc::FrameKind;
 use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -124,11 +125,24 @@ pub fn tasks_report(
     Ok(json!({ "tasks": tasks }))
 }
 
-/// `/proc/kallsyms` lines: every symbol, or the named ones (`name` or `name,sympos`).
-pub fn symbol_lines(table: &SymbolTable, names: &[String]) -> Result<Vec<String>, String> {
+/// `/proc/kallsyms` lines: every symbol (the core kernel's, then each module's with its
+/// name in brackets, as the kernel lists them), or the named ones (`name` or
+/// `name,sympos`; a name the core kernel lacks is looked up in the modules).
+pub fn symbol_lines(
+    table: &SymbolTable,
+    modules: &[Module],
+    names: &[String],
+) -> Result<Vec<String>, String> {
     let line = |s: &Symbol| format!("{:016x} {} {}", s.addr, s.kind, s.name);
+    let module_line = |m: &Module, s: &ModuleSymbol| {
+        format!("{:016x} {} {}\t[{}]", s.addr, s.kind, s.name, m.name)
+    };
     if names.is_empty() {
-        return Ok(table.symbols().iter().map(line).collect());
+        let core = table.symbols().iter().map(line);
+        let mods = modules
+            .iter()
+            .flat_map(|m| m.symbols.iter().map(move |s| module_line(m, s)));
+        return Ok(core.chain(mods).collect());
     }
     names
         .iter()
@@ -140,9 +154,35 @@ pub fn symbol_lines(table: &SymbolTable, names: &[String]) -> Result<Vec<String>
                 ),
                 None => (n.as_str(), None),
             };
-            table.lookup(name, pos).map(line).map_err(|e| e.to_string())
+            match table.lookup(name, pos) {
+                Ok(s) => Ok(line(s)),
+                Err(e @ LookupError::NotFound(_)) if pos.is_none() => modules
+                    .iter()
+                    .find_map(|m| {
+                        let s = m.symbols.iter().find(|s| s.name == name)?;
+                        Some(module_line(m, s))
+                    })
+                    .ok_or_else(|| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
         })
         .collect()
+}
+
+/// `GET /kernel/symbols`'s answer. A module list that cannot be read (a module
+/// half-loaded when the vCPUs stopped, or a damaged list) does not hide the core kernel's
+/// symbols: they are listed and `modules_error` says why the modules are not.
+pub fn symbols_report(
+    gk: &GuestKernel,
+    modules: Result<Vec<Module>, GuestError>,
+    names: &[String],
+) -> Result<Value, String> {
+    let (modules, error) = match modules {
+        Ok(m) => (m, None),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
+    let lines = symbol_lines(&gk.kernel.symbols, &modules, names)?;
+    Ok(json!({ "symbols": lines, "modules_error": error }))
 }
 
 /// The kernel summary `vmm kernel` prints.
@@ -159,6 +199,7 @@ pub fn kernel_report(gk: &GuestKernel) -> Value {
         "banner": k.banner,
         "paging_levels": gk.page_tables.levels(),
         "symbols": k.symbols.len(),
+        "kallsyms_found": k.kallsyms_found.to_string(),
         "btf_types": gk.btf.type_count(),
         "orc_entries": gk.orc.len(),
     })
@@ -192,10 +233,15 @@ impl RunningVm {
         .map_err(|e| e.to_string())?
     }
 
-    /// `GET /kernel/symbols[?names=A;B,2]`.
+    /// `GET /kernel/symbols[?names=A;B,2]`: the module list is read with the vCPUs
+    /// paused (modules come and go).
     pub fn symbols_json(&mut self, names: &[String]) -> Result<Value, String> {
-        let gk = self.guest_kernel()?;
-        Ok(json!({ "symbols": symbol_lines(&gk.kernel.symbols, names)? }))
+        self.guest_kernel()?;
+        let gk = self.kernel.as_ref().expect("loaded");
+        let modules = self
+            .with_paused(|p| gk.modules(&LiveMemory(p.memory())))
+            .map_err(|e| e.to_string())?;
+        symbols_report(gk, modules, names)
     }
 
     /// `GET /kernel`.

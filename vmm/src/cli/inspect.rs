@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 use introspect::cpu::CpuRegs;
 use introspect::guest::GuestKernel;
-use introspect::kernel::Kernel;
+use introspect::kernel::KallsymsFrom;
 use introspect::memory::{FileMemory, GuestPhysMemory};
 use serde_json::Value;
 
@@ -29,6 +29,29 @@ pub struct Source {
     /// Print the JSON report instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Where to find the kallsyms tables: `auto` (vmcoreinfo's SYMBOL lines, or a scan of the
+    /// kernel image when it has none), `vmcoreinfo`, or `scan` (ignore vmcoreinfo's lines;
+    /// checks the scan against the guest's own list). Only with --snapshot or --dump.
+    #[arg(long, value_enum, default_value_t = KallsymsArg::Auto)]
+    pub kallsyms: KallsymsArg,
+}
+
+/// `--kallsyms`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KallsymsArg {
+    Auto,
+    Vmcoreinfo,
+    Scan,
+}
+
+impl From<KallsymsArg> for KallsymsFrom {
+    fn from(a: KallsymsArg) -> Self {
+        match a {
+            KallsymsArg::Auto => KallsymsFrom::Auto,
+            KallsymsArg::Vmcoreinfo => KallsymsFrom::Vmcoreinfo,
+            KallsymsArg::Scan => KallsymsFrom::Scan,
+        }
+    }
 }
 
 impl Source {
@@ -40,6 +63,7 @@ impl Source {
         if let Some(o) = self.offline()? {
             return offline(&o);
         }
+        self.online_only()?;
         let socket = self
             .api_socket
             .clone()
@@ -61,15 +85,25 @@ impl Source {
 /// Guest memory and registers read from a file.
 pub struct Offline {
     name: String,
+    kallsyms: KallsymsFrom,
     memory: Box<dyn GuestPhysMemory>,
     regs: Vec<CpuRegs>,
 }
 
 impl Source {
+    /// A running VM finds its tables itself (auto); the choice is for offline reads.
+    fn online_only(&self) -> Result<(), String> {
+        if self.kallsyms != KallsymsArg::Auto {
+            return Err("--kallsyms is only for --snapshot or --dump".into());
+        }
+        Ok(())
+    }
+
     fn offline(&self) -> Result<Option<Offline>, String> {
         if let Some(dir) = &self.snapshot {
             let view = vmm::introspection::SnapshotView::open(dir)?;
             return Ok(Some(Offline {
+                kallsyms: self.kallsyms.into(),
                 name: dir.display().to_string(),
                 memory: Box::new(view.memory),
                 regs: view.regs,
@@ -81,6 +115,7 @@ impl Source {
                 .len();
             let memory = FileMemory::open(file, &[(0, len)]).map_err(|e| e.to_string())?;
             return Ok(Some(Offline {
+                kallsyms: self.kallsyms.into(),
                 name: file.display().to_string(),
                 memory: Box::new(memory),
                 regs: Vec::new(),
@@ -92,7 +127,8 @@ impl Source {
 
 impl Offline {
     fn guest_kernel(&self) -> Result<GuestKernel, String> {
-        GuestKernel::load(self.memory.as_ref()).map_err(|e| format!("{}: {e}", self.name))
+        GuestKernel::load_with(self.memory.as_ref(), self.kallsyms)
+            .map_err(|e| format!("{}: {e}", self.name))
     }
 }
 
@@ -216,6 +252,7 @@ pub fn kernel(src: &Source) -> Result<i32, String> {
         ("vmemmap:", "vmemmap_base"),
         ("paging levels:", "paging_levels"),
         ("symbols:", "symbols"),
+        ("kallsyms:", "kallsyms_found"),
         ("BTF types:", "btf_types"),
         ("ORC entries:", "orc_entries"),
         ("banner:", "banner"),
@@ -225,30 +262,35 @@ pub fn kernel(src: &Source) -> Result<i32, String> {
     Ok(0)
 }
 
-/// `vmm symbols [NAME[,SYMPOS]…|--all]`: /proc/kallsyms lines.
+/// `vmm symbols [NAME[,SYMPOS]…|--all]`: /proc/kallsyms lines, modules' included.
 pub fn symbols(src: &Source, all: bool, names: &[String]) -> Result<i32, String> {
-    let lines: Vec<String> = match src.offline()? {
+    let names = if all { &[] } else { names };
+    let v = match src.offline()? {
         Some(o) => {
-            let k = Kernel::discover(o.memory.as_ref()).map_err(|e| format!("{}: {e}", o.name))?;
-            vmm::introspection::symbol_lines(&k.symbols, if all { &[] } else { names })?
+            let gk = o.guest_kernel()?;
+            let modules = gk.modules(o.memory.as_ref());
+            vmm::introspection::symbols_report(&gk, modules, names)?
         }
         None => {
-            let query = if all || names.is_empty() {
+            let query = if names.is_empty() {
                 String::new()
             } else {
                 format!("?names={}", names.join(";"))
             };
-            let v = src.get(&format!("/kernel/symbols{query}"), |_| {
+            src.get(&format!("/kernel/symbols{query}"), |_| {
                 Err("offline handled above".into())
-            })?;
-            v["symbols"]
-                .as_array()
-                .ok_or("the answer has no symbol list")?
-                .iter()
-                .map(|l| l.as_str().unwrap_or("").to_string())
-                .collect()
+            })?
         }
     };
+    if let Some(e) = v["modules_error"].as_str() {
+        eprintln!("vmm: modules not listed: {e}");
+    }
+    let lines: Vec<String> = v["symbols"]
+        .as_array()
+        .ok_or("the answer has no symbol list")?
+        .iter()
+        .map(|l| l.as_str().unwrap_or("").to_string())
+        .collect();
     if src.json {
         println!("{}", serde_json::json!({ "symbols": lines }));
         return Ok(0);

@@ -1,6 +1,10 @@
-//! The kernel's own symbol table (kallsyms), decoded from guest memory: the 6.1 layout
-//! with base-relative offsets and absolute per-cpu symbols (guest-introspection.md §2).
-//! Every count and length comes from the guest and is bounded before use.
+//! The kernel's own symbol table (kallsyms), decoded from guest memory
+//! (guest-introspection.md §2). Addresses are base-relative, with or without absolute
+//! per-cpu symbols (`KALLSYMS_ABSOLUTE_PERCPU`, x86-64 until 6.14); `locate` finds the
+//! tables in any of the 6.1, 6.1.y-backport, 6.2 and 6.4+ orders when vmcoreinfo does not
+//! name them. Every count and length comes from the guest and is bounded before use.
+
+pub mod locate;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -133,6 +137,7 @@ pub fn decode(
     }
     let names = read_vec(mem, image.pa(t.names), t.token_table - t.names)?;
     let offsets = read_vec(mem, image.pa(t.offsets), u64::from(n) * 4)?;
+    let encoding = AddressEncoding::detect(&offsets);
     let mut symbols = Vec::with_capacity(n as usize);
     let mut pos = 0usize;
     let mut expanded = Vec::with_capacity(64);
@@ -162,16 +167,8 @@ pub fn decode(
         let (&kind, name) = expanded
             .split_first()
             .ok_or_else(|| corrupt(format!("name {i} is empty")))?;
-        let off = i32::from_le_bytes(offsets[4 * i..4 * i + 4].try_into().expect("4 bytes"));
-        let addr = if off >= 0 {
-            off as u64
-        } else {
-            relative_base
-                .wrapping_sub(1)
-                .wrapping_sub(off as i64 as u64)
-        };
         symbols.push(Symbol {
-            addr,
+            addr: encoding.address(offset_at(&offsets, i), relative_base),
             kind: kind as char,
             name: String::from_utf8_lossy(name).into_owned(),
             size: 0,
@@ -179,6 +176,57 @@ pub fn decode(
         });
     }
     Ok(SymbolTable::new(symbols))
+}
+
+/// How `kallsyms_offsets` encodes addresses (scripts/kallsyms.c `--absolute-percpu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressEncoding {
+    /// A non-negative entry is an absolute per-cpu offset; a negative one is
+    /// `relative_base - 1 - entry`.
+    AbsolutePercpu,
+    /// Every entry is an unsigned offset above `relative_base`.
+    BaseRelative,
+}
+
+impl AddressEncoding {
+    /// With absolute per-cpu symbols every ordinary symbol (`_text` first, at -1) is
+    /// negative; plain base-relative entries are offsets within a kernel image (< 2 GiB),
+    /// so none is negative.
+    pub fn detect(offsets: &[u8]) -> Self {
+        let negative = offsets
+            .chunks_exact(4)
+            .any(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) < 0);
+        if negative {
+            AddressEncoding::AbsolutePercpu
+        } else {
+            AddressEncoding::BaseRelative
+        }
+    }
+
+    pub fn address(self, entry: i32, relative_base: u64) -> u64 {
+        match self {
+            AddressEncoding::AbsolutePercpu if entry >= 0 => entry as u64,
+            AddressEncoding::AbsolutePercpu => relative_base
+                .wrapping_sub(1)
+                .wrapping_sub(entry as i64 as u64),
+            AddressEncoding::BaseRelative => relative_base.wrapping_add(u64::from(entry as u32)),
+        }
+    }
+
+    /// Whether the entry names an absolute (per-cpu) symbol rather than an image address.
+    pub fn is_absolute(self, entry: i32) -> bool {
+        self == AddressEncoding::AbsolutePercpu && entry >= 0
+    }
+}
+
+/// Entry `i` of a little-endian `i32` array (the caller has checked the length).
+fn offset_at(offsets: &[u8], i: usize) -> i32 {
+    i32::from_le_bytes([
+        offsets[4 * i],
+        offsets[4 * i + 1],
+        offsets[4 * i + 2],
+        offsets[4 * i + 3],
+    ])
 }
 
 impl SymbolTable {

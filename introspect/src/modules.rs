@@ -1,0 +1,474 @@
+//! Loaded kernel modules and their symbols, as `/proc/kallsyms` lists them after the core
+//! kernel's: the `modules` list (newest first), each module's `mod_kallsyms` (an ELF
+//! symbol table, its string table and the nm-style type of each symbol), a symbol's type
+//! upper-cased when the module exports it. Offsets come from BTF; the list walk, every
+//! count and every string are bounded, because the guest controls all of them.
+
+use std::collections::HashMap;
+
+use crate::btf::Btf;
+use crate::virt::{walk_list, KernelMemory};
+
+/// Most modules accepted (a distribution kernel has a few thousand to choose from).
+pub const MAX_MODULES: usize = 8192;
+/// Most symbols accepted per module.
+pub const MAX_MODULE_SYMBOLS: u32 = 1 << 18;
+/// Most exported symbols accepted per module.
+const MAX_EXPORTS: u32 = 1 << 16;
+/// `KSYM_NAME_LEN` in 6.1.
+const KSYM_NAME_LEN: usize = 512;
+/// `MODULE_STATE_UNFORMED`: the kernel skips such modules (stable since 3.8).
+const MODULE_STATE_UNFORMED: u32 = 3;
+/// `sizeof(Elf64_Sym)`.
+const ELF64_SYM: u64 = 24;
+
+/// Errors reading the module list.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ModuleError {
+    #[error("BTF lacks {0}")]
+    Btf(String),
+    #[error("reading {what}: {detail}")]
+    Read { what: String, detail: String },
+    #[error("the module list is inconsistent (a module may be loading; retry): {0}")]
+    TornList(String),
+    #[error("guest value out of range: {0}")]
+    Range(String),
+}
+
+/// How `struct kernel_symbol` gives its value and name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// `int value_offset, name_offset`: place-relative (x86-64's PREL32 form).
+    Relative { value: u64, name: u64, size: u64 },
+    /// `unsigned long value; const char *name`.
+    Absolute { value: u64, name: u64, size: u64 },
+}
+
+/// Structure offsets the walk needs, resolved from BTF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModuleLayout {
+    pub state: u64,
+    pub list: u64,
+    pub name: u64,
+    pub name_len: u64,
+    pub kallsyms: u64,
+    pub syms: u64,
+    pub num_syms: u64,
+    /// `core_layout.base` and `.size` (6.1); absent in kernels that replaced the layout.
+    pub core: Option<(u64, u64)>,
+    pub symtab: u64,
+    pub num_symtab: u64,
+    pub strtab: u64,
+    pub typetab: u64,
+    pub export: ExportFormat,
+}
+
+impl ModuleLayout {
+    pub fn from_btf(btf: &Btf) -> Result<Self, ModuleError> {
+        let off = |ty: &str, path: &str| {
+            btf.member_offset(ty, path)
+                .map_err(|e| ModuleError::Btf(format!("{ty}.{path}: {e}")))
+        };
+        let ks_size = btf
+            .type_size("kernel_symbol")
+            .map_err(|e| ModuleError::Btf(format!("kernel_symbol: {e}")))?;
+        let export = match btf.member_offset("kernel_symbol", "value_offset") {
+            Ok(value) => ExportFormat::Relative {
+                value,
+                name: off("kernel_symbol", "name_offset")?,
+                size: ks_size,
+            },
+            Err(_) => ExportFormat::Absolute {
+                value: off("kernel_symbol", "value")?,
+                name: off("kernel_symbol", "name")?,
+                size: ks_size,
+            },
+        };
+        Ok(ModuleLayout {
+            state: off("module", "state")?,
+            list: off("module", "list")?,
+            name: off("module", "name")?,
+            name_len: btf
+                .member_size("module", "name")
+                .map_err(|e| ModuleError::Btf(format!("module.name: {e}")))?,
+            kallsyms: off("module", "kallsyms")?,
+            syms: off("module", "syms")?,
+            num_syms: off("module", "num_syms")?,
+            core: btf
+                .member_offset("module", "core_layout.base")
+                .ok()
+                .zip(btf.member_offset("module", "core_layout.size").ok()),
+            symtab: off("mod_kallsyms", "symtab")?,
+            num_symtab: off("mod_kallsyms", "num_symtab")?,
+            strtab: off("mod_kallsyms", "strtab")?,
+            typetab: off("mod_kallsyms", "typetab")?,
+            export,
+        })
+    }
+}
+
+/// One symbol of a module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleSymbol {
+    pub addr: u64,
+    pub size: u64,
+    /// nm-style type, upper case when the module exports the symbol (as /proc/kallsyms).
+    pub kind: char,
+    pub name: String,
+}
+
+/// One loaded module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Module {
+    /// Address of its `struct module`.
+    pub addr: u64,
+    pub name: String,
+    /// `enum module_state`: 0 live, 1 coming, 2 going.
+    pub state: u32,
+    /// Its core memory (text, rodata and data), when the layout says where.
+    pub core: Option<(u64, u64)>,
+    /// In symbol-table order, without the unnamed ones (/proc/kallsyms skips them).
+    pub symbols: Vec<ModuleSymbol>,
+}
+
+impl Module {
+    /// Whether `addr` is inside the module's core memory.
+    pub fn contains(&self, addr: u64) -> bool {
+        self.core
+            .is_some_and(|(base, size)| addr >= base && addr - base < size)
+    }
+
+    /// The symbol at or before `addr` in this module and the offset into it.
+    pub fn symbolize(&self, addr: u64) -> Option<(&ModuleSymbol, u64)> {
+        self.symbols
+            .iter()
+            .filter(|s| s.addr <= addr && !s.name.is_empty())
+            .max_by_key(|s| s.addr)
+            .map(|s| (s, addr - s.addr))
+    }
+}
+
+fn read_err(what: impl Into<String>) -> impl FnOnce(String) -> ModuleError {
+    let what = what.into();
+    move |detail| ModuleError::Read { what, detail }
+}
+
+/// Reads a NUL-terminated string of at most `max` bytes in 64-byte aligned pieces, so a
+/// string that ends before an unmapped page still reads.
+fn read_cstr(m: &dyn KernelMemory, va: u64, max: usize) -> Result<String, String> {
+    let mut out = Vec::new();
+    let mut at = va;
+    while out.len() < max {
+        let n = (64 - (at & 63)) as usize;
+        let mut piece = vec![0u8; n.min(max - out.len())];
+        m.read_virt(at, &mut piece)?;
+        if let Some(end) = piece.iter().position(|&b| b == 0) {
+            out.extend_from_slice(&piece[..end]);
+            return Ok(String::from_utf8_lossy(&out).into_owned());
+        }
+        out.extend_from_slice(&piece);
+        at = at.wrapping_add(piece.len() as u64);
+    }
+    Err(format!("string at {va:#x} is longer than {max} bytes"))
+}
+
+/// Every module on the list headed at `modules` (the kernel's `modules` symbol), in list
+/// order, except those still being formed.
+pub fn enumerate(
+    m: &dyn KernelMemory,
+    l: &ModuleLayout,
+    modules: u64,
+) -> Result<Vec<Module>, ModuleError> {
+    let addrs = walk_list(m, modules, l.list, MAX_MODULES).map_err(ModuleError::TornList)?;
+    let mut out = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let state = m
+            .read_u32(addr.wrapping_add(l.state))
+            .map_err(read_err(format!("module {addr:#x} state")))?;
+        if state == MODULE_STATE_UNFORMED {
+            continue;
+        }
+        out.push(read_module(m, l, addr, state)?);
+    }
+    Ok(out)
+}
+
+fn read_module(
+    m: &dyn KernelMemory,
+    l: &ModuleLayout,
+    addr: u64,
+    state: u32,
+) -> Result<Module, ModuleError> {
+    let at = |off: u64| addr.wrapping_add(off);
+    let mut raw_name = vec![0u8; l.name_len.min(256) as usize];
+    m.read_virt(at(l.name), &mut raw_name)
+        .map_err(read_err(format!("module {addr:#x} name")))?;
+    let end = raw_name
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(raw_name.len());
+    let name = String::from_utf8_lossy(&raw_name[..end]).into_owned();
+    let what = |f: &str| format!("module {name} {f}");
+    let core = match l.core {
+        Some((base, size)) => Some((
+            m.read_u64(at(base)).map_err(read_err(what("core base")))?,
+            u64::from(m.read_u32(at(size)).map_err(read_err(what("core size")))?),
+        )),
+        None => None,
+    };
+    let ks = m
+        .read_u64(at(l.kallsyms))
+        .map_err(read_err(what("kallsyms")))?;
+    let field = |off: u64, f: &str| m.read_u64(ks.wrapping_add(off)).map_err(read_err(what(f)));
+    let symtab = field(l.symtab, "symtab")?;
+    let strtab = field(l.strtab, "strtab")?;
+    let typetab = field(l.typetab, "typetab")?;
+    let count = m
+        .read_u32(ks.wrapping_add(l.num_symtab))
+        .map_err(read_err(what("num_symtab")))?;
+    if count > MAX_MODULE_SYMBOLS {
+        return Err(ModuleError::Range(format!(
+            "module {name} has {count} symbols"
+        )));
+    }
+    let mut syms = vec![0u8; (u64::from(count) * ELF64_SYM) as usize];
+    m.read_virt(symtab, &mut syms)
+        .map_err(read_err(what("symbol table")))?;
+    let mut types = vec![0u8; count as usize];
+    m.read_virt(typetab, &mut types)
+        .map_err(read_err(what("symbol types")))?;
+    let exported = exports(m, l, addr, &name)?;
+    let mut symbols = Vec::with_capacity(count as usize);
+    for (i, s) in syms.chunks_exact(ELF64_SYM as usize).enumerate() {
+        let st_name = u32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+        let value = u64::from_le_bytes(s[8..16].try_into().expect("8 bytes"));
+        let size = u64::from_le_bytes(s[16..24].try_into().expect("8 bytes"));
+        let sym_name = read_cstr(m, strtab.wrapping_add(u64::from(st_name)), KSYM_NAME_LEN)
+            .map_err(read_err(what("symbol name")))?;
+        if sym_name.is_empty() {
+            continue;
+        }
+        let letter = types[i] as char;
+        let kind = if exported
+            .get(&value)
+            .is_some_and(|names| names.contains(&sym_name))
+        {
+            letter.to_ascii_uppercase()
+        } else {
+            letter.to_ascii_lowercase()
+        };
+        symbols.push(ModuleSymbol {
+            addr: value,
+            size,
+            kind,
+            name: sym_name,
+        });
+    }
+    Ok(Module {
+        addr,
+        name,
+        state,
+        core,
+        symbols,
+    })
+}
+
+/// The module's exported names by value: `mod->syms[0..num_syms]`, the list the
+/// kernel's `is_exported` consults (GPL-only exports are not in it).
+fn exports(
+    m: &dyn KernelMemory,
+    l: &ModuleLayout,
+    addr: u64,
+    name: &str,
+) -> Result<HashMap<u64, Vec<String>>, ModuleError> {
+    let what = |f: &str| format!("module {name} {f}");
+    let base = m
+        .read_u64(addr.wrapping_add(l.syms))
+        .map_err(read_err(what("syms")))?;
+    let n = m
+        .read_u32(addr.wrapping_add(l.num_syms))
+        .map_err(read_err(what("num_syms")))?;
+    if n > MAX_EXPORTS {
+        return Err(ModuleError::Range(format!(
+            "module {name} exports {n} symbols"
+        )));
+    }
+    let mut out: HashMap<u64, Vec<String>> = HashMap::with_capacity(n as usize);
+    for i in 0..u64::from(n) {
+        let (value, name_ptr) = match l.export {
+            ExportFormat::Relative { value, name, size } => {
+                let ks = base.wrapping_add(i * size);
+                let rel = |off: u64, f: &str| {
+                    m.read_i32(ks.wrapping_add(off))
+                        .map(|d| ks.wrapping_add(off).wrapping_add(d as i64 as u64))
+                        .map_err(read_err(what(f)))
+                };
+                (rel(value, "export value")?, rel(name, "export name")?)
+            }
+            ExportFormat::Absolute { value, name, size } => {
+                let ks = base.wrapping_add(i * size);
+                let abs =
+                    |off: u64, f: &str| m.read_u64(ks.wrapping_add(off)).map_err(read_err(what(f)));
+                (abs(value, "export value")?, abs(name, "export name")?)
+            }
+        };
+        let export_name =
+            read_cstr(m, name_ptr, KSYM_NAME_LEN).map_err(read_err(what("export name")))?;
+        out.entry(value).or_default().push(export_name);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virt::SparseMemory;
+
+    const L: ModuleLayout = ModuleLayout {
+        state: 0,
+        list: 8,
+        name: 24,
+        name_len: 56,
+        kallsyms: 80,
+        syms: 88,
+        num_syms: 96,
+        core: Some((104, 112)),
+        symtab: 0,
+        num_symtab: 8,
+        strtab: 16,
+        typetab: 24,
+        export: ExportFormat::Relative {
+            value: 0,
+            name: 4,
+            size: 12,
+        },
+    };
+    const HEAD: u64 = 0xffff_ffff_8200_0000;
+
+    /// A module at `addr` with symbols (name, value, type); the first `exports` of them
+    /// exported.
+    fn add_module(
+        mem: &mut SparseMemory,
+        addr: u64,
+        name: &str,
+        syms: &[(&str, u64, u8)],
+        exports: usize,
+    ) {
+        let ks = addr + 0x1000;
+        let symtab = addr + 0x2000;
+        let strtab = addr + 0x4000;
+        let typetab = addr + 0x5000;
+        let ksymtab = addr + 0x6000;
+        mem.write_u32(addr + L.state, 0);
+        mem.write(addr + L.name, name.as_bytes());
+        mem.write_u64(addr + L.kallsyms, ks);
+        mem.write_u64(addr + 104, 0xffff_ffff_c000_0000);
+        mem.write_u32(addr + 112, 0x3000);
+        mem.write_u64(ks, symtab);
+        mem.write_u32(ks + 8, syms.len() as u32 + 1);
+        mem.write_u64(ks + 16, strtab);
+        mem.write_u64(ks + 24, typetab);
+        // Symbol 0 is the unnamed null symbol, as in every ELF symbol table.
+        let mut str_off = 1u32;
+        for (i, (n, v, t)) in syms.iter().enumerate() {
+            let e = symtab + 24 * (i as u64 + 1);
+            mem.write_u32(e, str_off);
+            mem.write_u64(e + 8, *v);
+            mem.write_u64(e + 16, 0x10);
+            mem.write(strtab + u64::from(str_off), n.as_bytes());
+            mem.write(typetab + i as u64 + 1, &[*t]);
+            if i < exports {
+                let k = ksymtab + 12 * i as u64;
+                mem.write_u32(k, v.wrapping_sub(k) as u32);
+                mem.write_u32(
+                    k + 4,
+                    (strtab + u64::from(str_off)).wrapping_sub(k + 4) as u32,
+                );
+            }
+            str_off += n.len() as u32 + 1;
+        }
+        mem.write_u64(addr + L.syms, ksymtab);
+        mem.write_u32(addr + L.num_syms, exports as u32);
+    }
+
+    fn link(mem: &mut SparseMemory, nodes: &[u64]) {
+        // A circular list through HEAD and each module's `list` member.
+        let lists: Vec<u64> = std::iter::once(HEAD)
+            .chain(nodes.iter().map(|a| a + L.list))
+            .collect();
+        for (i, &n) in lists.iter().enumerate() {
+            mem.write_u64(n, lists[(i + 1) % lists.len()]);
+        }
+    }
+
+    #[test]
+    fn lists_modules_and_symbols_like_proc_kallsyms() {
+        let mut mem = SparseMemory::new();
+        let a = 0xffff_ffff_c010_0000;
+        let b = 0xffff_ffff_c020_0000;
+        add_module(
+            &mut mem,
+            a,
+            "virtio_blk",
+            &[
+                ("virtblk_probe", 0xffff_ffff_c000_1000, b't'),
+                ("init_module", 0xffff_ffff_c000_2000, b't'),
+            ],
+            0,
+        );
+        add_module(
+            &mut mem,
+            b,
+            "virtio",
+            &[
+                ("register_virtio_driver", 0xffff_ffff_c000_0100, b't'),
+                ("virtio_dev_probe", 0xffff_ffff_c000_0200, b't'),
+            ],
+            1,
+        );
+        link(&mut mem, &[a, b]);
+        let mods = enumerate(&mem, &L, HEAD).unwrap();
+        assert_eq!(mods.len(), 2);
+        assert_eq!(mods[0].name, "virtio_blk");
+        let names: Vec<(&str, char)> = mods[1]
+            .symbols
+            .iter()
+            .map(|s| (s.name.as_str(), s.kind))
+            .collect();
+        // The exported one is upper case; the null symbol is left out.
+        assert_eq!(
+            names,
+            [("register_virtio_driver", 'T'), ("virtio_dev_probe", 't')]
+        );
+        assert!(mods[0].contains(0xffff_ffff_c000_1004));
+        let (s, off) = mods[0].symbolize(0xffff_ffff_c000_1004).unwrap();
+        assert_eq!((s.name.as_str(), off), ("virtblk_probe", 4));
+    }
+
+    #[test]
+    fn hostile_lists_and_counts_are_errors() {
+        let mut mem = SparseMemory::new();
+        let a = 0xffff_ffff_c010_0000;
+        add_module(&mut mem, a, "m", &[("f", 1, b't')], 0);
+        // A cycle that never returns to the head.
+        mem.write_u64(HEAD, a + L.list);
+        mem.write_u64(a + L.list, a + L.list);
+        assert!(matches!(
+            enumerate(&mem, &L, HEAD),
+            Err(ModuleError::TornList(_))
+        ));
+        // A huge symbol count.
+        link(&mut mem, &[a]);
+        mem.write_u32(a + 0x1000 + 8, u32::MAX);
+        assert!(matches!(
+            enumerate(&mem, &L, HEAD),
+            Err(ModuleError::Range(_))
+        ));
+        // A symbol name that never ends.
+        mem.write_u32(a + 0x1000 + 8, 2);
+        mem.write(a + 0x4000 + 1, &[b'x'; 600]);
+        assert!(enumerate(&mem, &L, HEAD).is_err());
+        // An unreadable list.
+        assert!(enumerate(&SparseMemory::new(), &L, HEAD).is_err());
+    }
+}
