@@ -308,6 +308,33 @@ pub fn build_sample_bundle(sample: &str, manifest: &str, source: &str) -> String
     out.display().to_string()
 }
 
+/// Writes a copy of the bundle at `bundle` to `out` with its manifest changed by `edit`
+/// and its format version set to `version`, re-checksummed (docs/bundle-format.md), so a
+/// test can make a well-formed bundle that is wrong in exactly one way.
+pub fn repack_bundle(
+    bundle: &str,
+    out: &Path,
+    version: u32,
+    edit: impl FnOnce(&mut serde_json::Value),
+) {
+    use sha2::{Digest, Sha256};
+    let b = std::fs::read(bundle).unwrap();
+    let m = u32::from_le_bytes(b[12..16].try_into().unwrap()) as usize;
+    let o = u64::from_le_bytes(b[16..24].try_into().unwrap()) as usize;
+    let mut manifest: serde_json::Value = serde_json::from_slice(&b[24..24 + m]).unwrap();
+    edit(&mut manifest);
+    let manifest = serde_json::to_vec(&manifest).unwrap();
+    let mut file = b[..8].to_vec();
+    file.extend_from_slice(&version.to_le_bytes());
+    file.extend_from_slice(&(manifest.len() as u32).to_le_bytes());
+    file.extend_from_slice(&(o as u64).to_le_bytes());
+    file.extend_from_slice(&manifest);
+    file.extend_from_slice(&b[24 + m..24 + m + o]);
+    let sum = Sha256::digest(&file);
+    file.extend_from_slice(&sum);
+    std::fs::write(out, file).unwrap();
+}
+
 /// Runs `vmm ARGS`, requires success and returns its stdout.
 pub fn vmm_ok(args: &[&str], timeout: Duration) -> String {
     let (status, out, err) = run_vmm(args, timeout);
@@ -471,6 +498,22 @@ pub fn api(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String)
         .unwrap_or_else(|| panic!("bad HTTP response {out:?}"));
     let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     (status, body)
+}
+
+/// `PUT /patches` for `bundle`; `extra` is appended to the JSON body's fields (e.g.
+/// `,"force":true`).
+pub fn put_patch(socket: &Path, bundle: &str, extra: &str) -> (u16, String) {
+    api(
+        socket,
+        "PUT",
+        "/patches",
+        &format!(r#"{{"bundle":"{bundle}"{extra}}}"#),
+    )
+}
+
+/// Parses an API answer's JSON body.
+pub fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
 /// Waits until `socket` accepts connections.

@@ -6,13 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    api, guest_artifact, require_kvm, restore_fixture, run_vmm, wait_for_socket, Guest,
+    api, guest_artifact, json, require_kvm, restore_fixture, run_vmm, wait_for_socket, Guest,
 };
 use serde_json::Value;
-
-fn json(body: &str) -> Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"))
-}
 
 /// A private directory for one test's console file and sockets.
 fn scratch(tag: &str) -> PathBuf {

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use integration_tests::{
-    api, build_sample_bundle, restore_fixture, vmm_binary, wait_for_socket, Guest,
+    api, build_sample_bundle, json, put_patch, restore_fixture, vmm_binary, wait_for_socket, Guest,
 };
 use serde_json::Value;
 
@@ -16,10 +16,6 @@ const T: Duration = Duration::from_secs(300);
 
 fn build_bundle(sample: &str, source: &str) -> String {
     build_sample_bundle(sample, "manifest.json", source)
-}
-
-fn json(body: &str) -> Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
 #[test]
@@ -36,12 +32,7 @@ fn patch_a_sysrq_handler_and_revert_it() {
 
     // No task is inside the SysRq handler: the stack check clears the transition.
     let started = std::time::Instant::now();
-    let (status, body) = api(
-        &s,
-        "PUT",
-        "/patches",
-        &format!(r#"{{"bundle":"{bundle}"}}"#),
-    );
+    let (status, body) = put_patch(&s, &bundle, "");
     assert_eq!(status, 200, "{body}");
     assert_eq!(json(&body)["name"], "sysrq-showmem-demo");
     assert_eq!(json(&body)["forced"], false);
@@ -77,12 +68,7 @@ fn patch_a_sysrq_handler_and_revert_it() {
     );
 
     // Applying it again is refused.
-    let (status, body) = api(
-        &s,
-        "PUT",
-        "/patches",
-        &format!(r#"{{"bundle":"{bundle}"}}"#),
-    );
+    let (status, body) = put_patch(&s, &bundle, "");
     assert_eq!(status, 422, "{body}");
     assert!(body.contains("already applied"), "{body}");
 
@@ -146,12 +132,7 @@ fn patch_a_sysrq_handler_and_revert_it() {
     );
     assert_eq!(status, 422);
     // Applied again, it reuses the memory it had: the patch area does not leak.
-    let (status, body) = api(
-        &s,
-        "PUT",
-        "/patches",
-        &format!(r#"{{"bundle":"{bundle}"}}"#),
-    );
+    let (status, body) = put_patch(&s, &bundle, "");
     assert_eq!(status, 200, "{body}");
     let list = json(&api(&s, "GET", "/patches", "").1);
     assert_eq!(list["bundles"][0]["status"], "enabled", "{list}");
@@ -177,12 +158,7 @@ fn a_patch_of_a_function_a_task_sleeps_in_is_refused_and_changes_nothing() {
         json(&body)["bytes"].as_str().unwrap().to_string()
     };
     let before = text(&s);
-    let (status, body) = api(
-        &s,
-        "PUT",
-        "/patches",
-        &format!(r#"{{"bundle":"{bundle}","deadline_ms":2000}}"#),
-    );
+    let (status, body) = put_patch(&s, &bundle, r#","deadline_ms":2000"#);
     assert_eq!(status, 422, "{body}");
     // The blocker names the task and where it sleeps.
     assert!(body.contains("kthreadd"), "{body}");
@@ -199,12 +175,7 @@ fn a_snapshot_of_a_patched_guest_restores_its_patches() {
     let bundle = build_bundle("sysrq-showmem", "livepatch_sysrq.c");
     let guest = restore_fixture("persist");
     let s = guest.api_socket.clone();
-    let (status, body) = api(
-        &s,
-        "PUT",
-        "/patches",
-        &format!(r#"{{"bundle":"{bundle}"}}"#),
-    );
+    let (status, body) = put_patch(&s, &bundle, "");
     assert_eq!(status, 200, "{body}");
     let before = json(&api(&s, "GET", "/patches", "").1);
     let dir = std::env::temp_dir().join(format!("vmm-patched-snap-{}", std::process::id()));
@@ -230,12 +201,7 @@ fn a_snapshot_of_a_patched_guest_restores_its_patches() {
     assert_eq!(json(&api(&s2, "GET", "/patches", "").1), before);
     let guard = &json(&api(&s2, "GET", "/vm", "").1)["text_guard"];
     assert_eq!(guard["protected_sites"], 1, "{guard}");
-    let (status, body) = api(
-        &s2,
-        "PUT",
-        "/patches",
-        &format!(r#"{{"bundle":"{bundle}"}}"#),
-    );
+    let (status, body) = put_patch(&s2, &bundle, "");
     assert_eq!(status, 422, "{body}");
     assert!(body.contains("already applied"), "{body}");
     again.sysrq('m');
@@ -260,14 +226,7 @@ fn a_cumulative_bundle_releases_the_memory_of_what_it_replaces() {
     );
     let mut guest = restore_fixture("patch-memory");
     let s = guest.api_socket.clone();
-    let put = |bundle: &str| {
-        api(
-            &s,
-            "PUT",
-            "/patches",
-            &format!(r#"{{"bundle":"{bundle}"}}"#),
-        )
-    };
+    let put = |bundle: &str| put_patch(&s, bundle, "");
     let memory_of = |list: &Value, name: &str| {
         list["bundles"]
             .as_array()
@@ -383,7 +342,7 @@ fn a_blocked_transition_can_be_reversed_while_the_guest_and_api_carry_on() {
     let (status, body) = api(&s, "GET", "/vm", "");
     assert_eq!(status, 200, "{body}");
     // One transition at a time (the kernel's -EBUSY).
-    let (status, body) = api(&s, "PUT", "/patches", &format!(r#"{{"bundle":"{other}"}}"#));
+    let (status, body) = put_patch(&s, &other, "");
     assert_eq!(status, 409, "{body}");
     assert!(
         body.contains("busy-kthreadd-demo is in transition"),
@@ -444,7 +403,7 @@ fn a_blocked_transition_can_be_reversed_while_the_guest_and_api_carry_on() {
     assert!(transition(&s).is_null());
     assert_eq!(text(&s), before, "kthreadd's text changed");
     // Nothing is left behind: the other bundle applies.
-    let (status, body) = api(&s, "PUT", "/patches", &format!(r#"{{"bundle":"{other}"}}"#));
+    let (status, body) = put_patch(&s, &other, "");
     assert_eq!(status, 200, "{body}");
 }
 
@@ -456,12 +415,7 @@ fn a_replacement_calls_static_functions_and_reads_globals_and_per_cpu_data() {
     let bundle = build_sample_bundle("sysrq-calls", "manifest.json", "livepatch_sysrq_calls.c");
     let mut guest = restore_fixture("calls");
     let s = guest.api_socket.clone();
-    let (status, body) = api(
-        &s,
-        "PUT",
-        "/patches",
-        &format!(r#"{{"bundle":"{bundle}"}}"#),
-    );
+    let (status, body) = put_patch(&s, &bundle, "");
     assert_eq!(status, 200, "{body}");
     guest.sysrq('w');
     guest.wait_for("this has been live patched (sysrq w): ", T);

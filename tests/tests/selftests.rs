@@ -8,14 +8,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use integration_tests::{api, build_sample_bundle, restore_fixture, Guest};
+use integration_tests::{api, build_sample_bundle, json, put_patch, restore_fixture, Guest};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(300);
-
-fn json(body: &str) -> Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
-}
 
 /// `console_loglevel` as a SysRq key.
 fn loglevel_key(s: &Path) -> char {
@@ -71,7 +67,7 @@ fn bundle(manifest: &str) -> String {
 }
 
 fn put(s: &Path, bundle: &str) {
-    let (status, body) = api(s, "PUT", "/patches", &format!(r#"{{"bundle":"{bundle}"}}"#));
+    let (status, body) = put_patch(s, bundle, "");
     assert_eq!(status, 200, "{body}");
 }
 
@@ -223,12 +219,7 @@ fn forced_bundles_keep_their_memory() {
     let s = guest.api_socket.clone();
     let text = || json(&api(&s, "GET", "/kernel/text?symbol=kthreadd", "").1)["bytes"].clone();
     let before = text();
-    let (status, body) = api(
-        &s,
-        "PUT",
-        "/patches",
-        &format!(r#"{{"bundle":"{busy}","force":true}}"#),
-    );
+    let (status, body) = put_patch(&s, &busy, r#","force":true"#);
     assert_eq!(status, 200, "{body}");
     assert_eq!(json(&body)["forced"], true, "{body}");
     assert_ne!(text(), before, "kthreadd is redirected");

@@ -8,17 +8,14 @@
 
 use std::time::Duration;
 
-use integration_tests::{api, build_sample_bundle, restore_fixture, run_vmm, vmm_ok, Guest};
-use serde_json::Value;
+use integration_tests::{
+    api, build_sample_bundle, json, put_patch, restore_fixture, run_vmm, vmm_ok, Guest,
+};
 
 const T: Duration = Duration::from_secs(300);
 
 fn build(manifest: &str) -> String {
     build_sample_bundle("loglevel-state", manifest, "livepatch_loglevel.c")
-}
-
-fn json(body: &str) -> Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
 /// `console_loglevel` as the guest kernel has it now, read through the API.
@@ -48,15 +45,6 @@ fn show_memory_prints_report(guest: &mut Guest) -> bool {
     printed
 }
 
-fn apply(s: &std::path::Path, bundle: &str, extra: &str) -> (u16, String) {
-    api(
-        s,
-        "PUT",
-        "/patches",
-        &format!(r#"{{"bundle":"{bundle}"{extra}}}"#),
-    )
-}
-
 fn transcript(s: &std::path::Path, bundle: &str) -> Vec<String> {
     json(&api(s, "GET", "/patches/events", "").1)["events"]
         .as_array()
@@ -82,7 +70,7 @@ fn state_actions_change_the_guest_and_are_taken_over_and_restored() {
     assert!(show_memory_prints_report(&mut guest));
 
     // ST-1: the state is set up; the guest's console goes quiet.
-    let (status, body) = apply(&s, &v1, "");
+    let (status, body) = put_patch(&s, &v1, "");
     assert_eq!(status, 200, "{body}");
     assert_eq!(loglevel(&s), 1);
     assert_eq!(
@@ -101,7 +89,7 @@ fn state_actions_change_the_guest_and_are_taken_over_and_restored() {
     assert!(!show_memory_prints_report(&mut guest));
 
     // ST-2: a cumulative v2 takes the change over, writes its own value, keeps the original.
-    let (status, body) = apply(&s, &v2, "");
+    let (status, body) = put_patch(&s, &v2, "");
     assert_eq!(status, 200, "{body}");
     assert_eq!(loglevel(&s), 2);
     let list = json(&api(&s, "GET", "/patches", "").1);
@@ -133,7 +121,7 @@ fn state_actions_change_the_guest_and_are_taken_over_and_restored() {
     // ST-4: the v1 bundle is incompatible now (the patch-version downgrade allowed, the
     // state rule still refuses); nothing changes.
     let before = (loglevel(&s), list.clone());
-    let (status, body) = apply(&s, &v1, r#","allow_downgrade":true"#);
+    let (status, body) = put_patch(&s, &v1, r#","allow_downgrade":true"#);
     assert_eq!(status, 422, "{body}");
     assert!(
         body.contains("not compatible with the already installed livepatches"),

@@ -4,15 +4,10 @@
 
 use std::time::Duration;
 
-use integration_tests::{api, build_sample_bundle, restore_fixture, Guest};
-use serde_json::Value;
+use integration_tests::{api, build_sample_bundle, json, put_patch, restore_fixture, Guest};
 
 const T: Duration = Duration::from_secs(300);
 const PATCHED: &str = "this has been live patched (sysrq m)";
-
-fn json(body: &str) -> Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
-}
 
 /// SysRq 'm' and whether the patched handler answered (else the kernel's own report,
 /// which is waited for to its end, so the next break is not lost).
@@ -49,14 +44,7 @@ fn versions_only_go_up_and_sticky_bundles_are_only_superseded() {
     );
     let mut guest = restore_fixture("versions");
     let s = guest.api_socket.clone();
-    let put = |bundle: &str, extra: &str| {
-        api(
-            &s,
-            "PUT",
-            "/patches",
-            &format!(r#"{{"bundle":"{bundle}"{extra}}}"#),
-        )
-    };
+    let put = |bundle: &str, extra: &str| put_patch(&s, bundle, extra);
     assert!(!patched_handler_runs(&mut guest));
 
     let (status, body) = put(&v2, "");

@@ -11,8 +11,10 @@ use introspect::memory::{FileMemory, GuestPhysMemory, MemError};
 use introspect::modules::{Module, ModuleSymbol};
 use introspect::orc::FrameKind;
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use crate::arch::x86_64::layout::{PATCH_AREA_SIZE, PATCH_AREA_START};
 use crate::builder::RunningVm;
 use crate::persist::snapshot::{VmSnapshot, MEMORY_FILE, STATE_FILE};
 use crate::persist::vcpu_state::VcpuState;
@@ -247,6 +249,55 @@ impl RunningVm {
     /// `GET /kernel`.
     pub fn kernel_json(&mut self) -> Result<Value, String> {
         self.guest_kernel().map(kernel_report)
+    }
+
+    /// `GET /kernel/digest`: SHA-256 of the kernel's core text (`_stext`..`_etext`) and
+    /// of the whole patch area, read in one pause so the two belong to one instant. What a
+    /// refused patch must leave exactly as it was.
+    pub fn kernel_digest_json(&mut self) -> Result<Value, String> {
+        self.guest_kernel()?;
+        let gk = self.kernel.as_ref().expect("loaded");
+        let sym = |n: &str| {
+            gk.kernel
+                .symbols
+                .lookup(n, None)
+                .map(|s| s.addr)
+                .map_err(|e| e.to_string())
+        };
+        let (start, end) = (sym("_stext")?, sym("_etext")?);
+        if end <= start || end - start > 256 << 20 {
+            return Err(format!("kernel text {start:#x}..{end:#x} is implausible"));
+        }
+        let text_pa = gk.kernel.image.pa(start);
+        let digest = |mem: &GuestMemoryMmap, pa: u64, len: u64| -> Result<String, String> {
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(buf.len() as u64) as usize;
+                mem.read_slice(&mut buf[..n], GuestAddress(pa + done))
+                    .map_err(|e| format!("guest memory at {:#x}: {e}", pa + done))?;
+                hasher.update(&buf[..n]);
+                done += n as u64;
+            }
+            Ok(hasher
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect())
+        };
+        let (text, area) = self
+            .with_paused(|p| {
+                Ok::<_, String>((
+                    digest(p.memory(), text_pa, end - start)?,
+                    digest(p.memory(), PATCH_AREA_START, PATCH_AREA_SIZE)?,
+                ))
+            })
+            .map_err(|e| e.to_string())??;
+        Ok(json!({
+            "kernel_text": { "start": format!("{start:#x}"), "end": format!("{end:#x}"), "sha256": text },
+            "patch_area": { "start": format!("{PATCH_AREA_START:#x}"), "size": PATCH_AREA_SIZE, "sha256": area },
+        }))
     }
 
     /// `GET /kernel/text?symbol=NAME[,SYMPOS]`: the function's bytes as they are now.

@@ -37,6 +37,8 @@ pub enum ApiRequest {
     KernelSymbols { names: Vec<String> },
     /// `GET /kernel/text?symbol=NAME[,SYMPOS]`: a function's current bytes.
     KernelText { symbol: String },
+    /// `GET /kernel/digest`: SHA-256 of the kernel's text and of the patch area.
+    KernelDigest,
     /// `GET /tasks[?stacks=true]`: every task (and its kernel stack trace).
     Tasks { stacks: bool },
 }
@@ -127,7 +129,7 @@ pub fn route(req: &Request) -> Result<ApiRequest, ApiResponse> {
         "/vm" => "GET",
         "/vm/state" | "/snapshot" | "/console/sysrq" | "/patches/disable" => "PUT",
         "/vm/vcpus" | "/patches/events" | "/kernel" | "/kernel/text" | "/kernel/symbols"
-        | "/tasks" => "GET",
+        | "/kernel/digest" | "/tasks" => "GET",
         "/patches" if req.method == "GET" => "GET",
         "/patches" => "PUT",
         _ => return Err(ApiResponse::error(404, format!("no endpoint {path}"))),
@@ -143,6 +145,7 @@ pub fn route(req: &Request) -> Result<ApiRequest, ApiResponse> {
         "/vm/vcpus" => Ok(ApiRequest::Vcpus),
         "/patches/events" => Ok(ApiRequest::PatchEvents),
         "/kernel" => Ok(ApiRequest::Kernel),
+        "/kernel/digest" => Ok(ApiRequest::KernelDigest),
         "/kernel/symbols" => match query {
             "" => Ok(ApiRequest::KernelSymbols { names: Vec::new() }),
             q => match q.strip_prefix("names=") {
