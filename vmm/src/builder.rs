@@ -151,8 +151,10 @@ pub struct RunningVm {
     /// What the loop waits on while paused, when the device subscribers must not run.
     paused_wait: PausedWait,
     pub(crate) started: std::time::Instant,
-    /// The guest kernel, found on first use (live patching).
+    /// The guest kernel, found on first use (live patching) or preloaded after a restore.
     pub(crate) kernel: Option<introspect::guest::GuestKernel>,
+    /// The preload in progress, if any ([`RunningVm::preload_guest_kernel`]).
+    pub(crate) kernel_loading: Option<crate::introspection::KernelPreload>,
     pub(crate) patch_area: Option<crate::patching::area::PatchArea>,
     pub(crate) ledger: patcher::ledger::Ledger,
     /// The patch transition between attempts, if any.
@@ -324,6 +326,7 @@ pub(crate) fn start(
         paused_wait,
         started: std::time::Instant::now(),
         kernel: None,
+        kernel_loading: None,
         patch_area: None,
         ledger: patcher::ledger::Ledger::new(),
         patch_in_flight: None,

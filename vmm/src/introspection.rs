@@ -207,10 +207,30 @@ pub fn kernel_report(gk: &GuestKernel) -> Value {
     })
 }
 
+/// A guest kernel being loaded on a thread of its own.
+pub type KernelPreload = std::thread::JoinHandle<Result<GuestKernel, String>>;
+
 impl RunningVm {
-    /// The guest kernel, loaded on first use (it is read-only kernel data, valid for the
-    /// life of this boot).
+    /// Starts loading the guest kernel (kallsyms, BTF, ORC, task layout: read-only kernel
+    /// tables, so reading them while the vCPUs run is sound) on a thread of its own, so
+    /// that the first patch or introspection request does not wait for it. Called after a
+    /// restore, where the kernel is known to be up; a cold-booted VM loads on first use.
+    pub fn preload_guest_kernel(&mut self) {
+        let mem = self.vm.memory().clone();
+        self.kernel_loading = std::thread::Builder::new()
+            .name("kernel-preload".into())
+            .spawn(move || GuestKernel::load(&LiveMemory(&mem)).map_err(|e| e.to_string()))
+            .ok();
+    }
+
+    /// The guest kernel: the preloaded one when the preload worked, else loaded now (it is
+    /// read-only kernel data, valid for the life of this boot).
     pub fn guest_kernel(&mut self) -> Result<&GuestKernel, String> {
+        if self.kernel.is_none() {
+            if let Some(Ok(Ok(gk))) = self.kernel_loading.take().map(|h| h.join()) {
+                self.kernel = Some(gk);
+            }
+        }
         if self.kernel.is_none() {
             let gk = GuestKernel::load(&LiveMemory(self.vm.memory()))
                 .map_err(|e| format!("cannot find the guest kernel in memory: {e}"))?;

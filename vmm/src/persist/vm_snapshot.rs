@@ -247,6 +247,7 @@ pub fn restore_and_start_with(
         msr_indices,
     )?;
     running.snapshot_trigger = snapshot_trigger.cloned();
+    running.preload_guest_kernel();
     progress(&format!(
         "restored {} ({} vCPU{}, {} MiB): vCPUs running {:.1} ms after the restore began",
         dir.display(),
