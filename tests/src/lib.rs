@@ -511,6 +511,14 @@ pub fn put_patch(socket: &Path, bundle: &str, extra: &str) -> (u16, String) {
     )
 }
 
+/// SHA-256 of the guest kernel's text and of the patch area (`GET /kernel/digest`, read
+/// with the vCPUs paused): what a refused patch request must leave unchanged.
+pub fn kernel_digest(socket: &Path) -> serde_json::Value {
+    let (status, body) = api(socket, "GET", "/kernel/digest", "");
+    assert_eq!(status, 200, "GET /kernel/digest: {body}");
+    json(&body)
+}
+
 /// Parses an API answer's JSON body.
 pub fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))

@@ -9,15 +9,13 @@
 use std::path::PathBuf;
 
 use integration_tests::{
-    api, build_sample_bundle, json, put_patch, repack_bundle, restore_fixture,
+    api, build_sample_bundle, json, kernel_digest, put_patch, repack_bundle, restore_fixture,
 };
 use serde_json::Value;
 
 /// The digests and the ledger: everything a refusal must leave as it was.
 fn guest_state(s: &std::path::Path) -> (Value, Value) {
-    let (status, digest) = api(s, "GET", "/kernel/digest", "");
-    assert_eq!(status, 200, "{digest}");
-    let digest = json(&digest);
+    let digest = kernel_digest(s);
     for part in ["kernel_text", "patch_area"] {
         assert_eq!(
             digest[part]["sha256"].as_str().map(str::len),

@@ -9,7 +9,8 @@
 use std::time::Duration;
 
 use integration_tests::{
-    api, build_sample_bundle, json, put_patch, restore_fixture, run_vmm, vmm_ok, Guest,
+    api, build_sample_bundle, json, kernel_digest, put_patch, restore_fixture, run_vmm, vmm_ok,
+    Guest,
 };
 
 const T: Duration = Duration::from_secs(300);
@@ -120,14 +121,18 @@ fn state_actions_change_the_guest_and_are_taken_over_and_restored() {
 
     // ST-4: the v1 bundle is incompatible now (the patch-version downgrade allowed, the
     // state rule still refuses); nothing changes.
-    let before = (loglevel(&s), list.clone());
+    let before = (loglevel(&s), list.clone(), kernel_digest(&s));
     let (status, body) = put_patch(&s, &v1, r#","allow_downgrade":true"#);
     assert_eq!(status, 422, "{body}");
     assert!(
         body.contains("not compatible with the already installed livepatches"),
         "{body}"
     );
-    let after = (loglevel(&s), json(&api(&s, "GET", "/patches", "").1));
+    let after = (
+        loglevel(&s),
+        json(&api(&s, "GET", "/patches", "").1),
+        kernel_digest(&s),
+    );
     assert_eq!(before, after);
     // The CLI says the same in one line and exits non-zero.
     let (status, _, err) = run_vmm(

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use integration_tests::{api, build_sample_bundle, json, put_patch, restore_fixture, Guest};
+use integration_tests::{
+    api, build_sample_bundle, json, kernel_digest, put_patch, restore_fixture, Guest,
+};
 
 const T: Duration = Duration::from_secs(300);
 const PATCHED: &str = "this has been live patched (sysrq m)";
@@ -53,12 +55,14 @@ fn versions_only_go_up_and_sticky_bundles_are_only_superseded() {
 
     // Version 1 after version 2 is a downgrade: refused, nothing changes.
     let before = json(&api(&s, "GET", "/patches", "").1);
+    let digest = kernel_digest(&s);
     let (status, body) = put(&v1, "");
     assert_eq!(status, 422, "{body}");
     assert!(body.contains("is not newer than the applied"), "{body}");
     let mut after = json(&api(&s, "GET", "/patches", "").1);
     after["transition"] = before["transition"].clone();
     assert_eq!(before, after);
+    assert_eq!(kernel_digest(&s), digest);
     // Allowed explicitly, it replaces version 2 and the downgrade is logged.
     let (status, body) = put(&v1, r#","allow_downgrade":true"#);
     assert_eq!(status, 200, "{body}");
@@ -78,6 +82,7 @@ fn versions_only_go_up_and_sticky_bundles_are_only_superseded() {
     // A sticky version 3 cannot be disabled; the guest keeps running it.
     let (status, body) = put(&sticky, "");
     assert_eq!(status, 200, "{body}");
+    let digest = kernel_digest(&s);
     let (status, body) = api(
         &s,
         "PUT",
@@ -87,6 +92,7 @@ fn versions_only_go_up_and_sticky_bundles_are_only_superseded() {
     assert_eq!(status, 422, "{body}");
     assert!(body.contains("is sticky"), "{body}");
     assert_eq!(enabled(&s), ["sysrq-showmem-sticky"]);
+    assert_eq!(kernel_digest(&s), digest);
     assert!(patched_handler_runs(&mut guest));
 
     // Only a cumulative bundle supersedes it (here a downgrade, allowed explicitly); that
