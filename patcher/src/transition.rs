@@ -317,6 +317,7 @@ impl InFlight {
             ledger.log(&bundle, format!("failed: VM: {e}"));
             return Err(TransitionError::Target(e));
         }
+        let paused_at = Instant::now();
         let mut checked = 0usize;
         let outcome = (|| {
             let t = self.plan(ledger, target)?;
@@ -330,17 +331,27 @@ impl InFlight {
             }
             Ok(Ok(t))
         })();
+        let checked_at = Instant::now();
         let outcome = match outcome {
             Ok(Ok(t)) => switch(target, ledger, &bundle, &t).map(|()| Ok(t)),
             other => other,
         };
+        let written_at = Instant::now();
         let resumed = target.resume().map_err(TransitionError::Target);
-        // The guest-visible cost of this attempt: pause to resume, stack check included.
+        let resumed_at = Instant::now();
+        // The guest-visible cost of this attempt: pause to resume, stack check included,
+        // and where it went.
+        let us = |from: Instant, to: Instant| to.duration_since(from).as_micros();
         ledger.log(
             &bundle,
             format!(
-                "attempt {attempt}: vCPUs stopped for {} us, {checked} task stacks checked",
-                stopped_at.elapsed().as_micros()
+                "attempt {attempt}: vCPUs stopped for {} us, {checked} task stacks checked \
+                 (pause {} us, plan and check {} us, write {} us, resume {} us)",
+                us(stopped_at, resumed_at),
+                us(stopped_at, paused_at),
+                us(paused_at, checked_at),
+                us(checked_at, written_at),
+                us(written_at, resumed_at),
             ),
         );
         if let Err(e) = resumed {
@@ -949,7 +960,11 @@ mod tests {
             log[4].starts_with("attempt 1: vCPUs stopped for "),
             "{log:?}"
         );
-        assert!(log[4].ends_with(" us, 1 task stacks checked"), "{log:?}");
+        assert!(
+            log[4].contains(" us, 1 task stacks checked (pause "),
+            "{log:?}"
+        );
+        assert!(log[4].ends_with(" us)"), "{log:?}");
         assert_eq!(
             &log[5..9],
             [
