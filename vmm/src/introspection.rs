@@ -15,12 +15,11 @@ use sha2::{Digest, Sha256};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout::{PATCH_AREA_SIZE, PATCH_AREA_START};
+use crate::arch::x86_64::regs::MSR_KERNEL_GS_BASE;
 use crate::builder::RunningVm;
 use crate::persist::snapshot::{VmSnapshot, MEMORY_FILE, STATE_FILE};
-use crate::persist::vcpu_state::VcpuState;
-
-/// `MSR_KERNEL_GS_BASE`.
-const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+use crate::persist::vcpu_state::{KernelView, VcpuState};
+use kvm_bindings::{kvm_regs, kvm_sregs};
 
 /// Guest-physical memory of a live VM.
 pub struct LiveMemory<'a>(pub &'a GuestMemoryMmap);
@@ -39,23 +38,35 @@ impl GuestPhysMemory for LiveMemory<'_> {
 
 /// The registers introspection reads, from a saved (or paused) vCPU.
 pub fn cpu_regs(s: &VcpuState) -> CpuRegs {
-    CpuRegs {
-        rip: s.regs.rip,
-        rsp: s.regs.rsp,
-        rbp: s.regs.rbp,
-        rdi: s.regs.rdi,
-        rdx: s.regs.rdx,
-        r10: s.regs.r10,
-        r13: s.regs.r13,
-        cs: s.sregs.cs.selector,
-        cr3: s.sregs.cr3,
-        cr4: s.sregs.cr4,
-        gs_base: s.sregs.gs.base,
-        kernel_gs_base: s
-            .msrs
+    regs_of(
+        &s.regs,
+        &s.sregs,
+        s.msrs
             .iter()
             .find(|(i, _)| *i == MSR_KERNEL_GS_BASE)
             .map_or(0, |(_, v)| *v),
+    )
+}
+
+/// The same from the light register read of a paused vCPU.
+pub fn view_regs(v: &KernelView) -> CpuRegs {
+    regs_of(&v.regs, &v.sregs, v.kernel_gs_base)
+}
+
+fn regs_of(regs: &kvm_regs, sregs: &kvm_sregs, kernel_gs_base: u64) -> CpuRegs {
+    CpuRegs {
+        rip: regs.rip,
+        rsp: regs.rsp,
+        rbp: regs.rbp,
+        rdi: regs.rdi,
+        rdx: regs.rdx,
+        r10: regs.r10,
+        r13: regs.r13,
+        cs: sregs.cs.selector,
+        cr3: sregs.cr3,
+        cr4: sregs.cr4,
+        gs_base: sregs.gs.base,
+        kernel_gs_base,
     }
 }
 
@@ -245,10 +256,10 @@ impl RunningVm {
         let gk = self.kernel.as_ref().expect("loaded");
         self.with_paused(|p| {
             let regs: Vec<CpuRegs> = p
-                .vcpu_states()
+                .kernel_views()
                 .map_err(|e| e.to_string())?
                 .iter()
-                .map(cpu_regs)
+                .map(view_regs)
                 .collect();
             tasks_report(gk, &LiveMemory(p.memory()), &regs, stacks)
         })

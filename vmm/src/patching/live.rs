@@ -13,7 +13,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::area::{PatchArea, Perm};
 use crate::builder::RunningVm;
-use crate::introspection::{cpu_regs, LiveMemory};
+use crate::introspection::{view_regs, LiveMemory};
 use crate::vstate::pause;
 use introspect::cpu::CpuRegs;
 
@@ -49,17 +49,8 @@ impl<'a> LiveTarget<'a> {
     /// Registers of every vCPU (call while paused).
     fn paused_regs(&mut self) -> Result<&[CpuRegs], String> {
         if self.regs.is_none() {
-            let regs = self
-                .vm
-                .vcpus
-                .iter()
-                .map(|v| {
-                    pause::save_one(v, &self.vm.msr_indices)
-                        .map(|s| cpu_regs(&s))
-                        .map_err(|e| e.to_string())
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            self.regs = Some(regs);
+            let views = pause::read_kernel_views(&self.vm.vcpus).map_err(|e| e.to_string())?;
+            self.regs = Some(views.iter().map(view_regs).collect());
         }
         Ok(self.regs.as_deref().unwrap_or_default())
     }

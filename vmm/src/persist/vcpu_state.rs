@@ -7,6 +7,8 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd};
 use serde::{Deserialize, Serialize};
 
+use crate::arch::x86_64::regs::MSR_KERNEL_GS_BASE;
+
 /// Errors while saving or restoring a vCPU.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuStateError {
@@ -133,6 +135,33 @@ pub fn save(fd: &VcpuFd, id: u8, msr_indices: &[u32]) -> Result<VcpuState, VcpuS
         lapic,
         msrs,
         events,
+    })
+}
+
+/// The part of a paused vCPU's state that reading the guest kernel needs: general and
+/// special registers and `MSR_KERNEL_GS_BASE` (three ioctls, against the dozen of a
+/// full [`save`]; a live patch's stop-the-world check reads this on every attempt).
+/// After an I/O exit the registers are those of the exit (the access not yet
+/// completed); RIP and the stack registers are what the check needs, and they are
+/// the same either way.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelView {
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub kernel_gs_base: u64,
+}
+
+/// Reads a [`KernelView`] of a paused vCPU.
+pub fn read_kernel_view(fd: &VcpuFd, id: u8) -> Result<KernelView, VcpuStateError> {
+    let regs = fd.get_regs().map_err(kvm_err(id, "KVM_GET_REGS"))?;
+    let sregs = fd.get_sregs().map_err(kvm_err(id, "KVM_GET_SREGS"))?;
+    let kernel_gs_base = read_msrs(fd, id, &[MSR_KERNEL_GS_BASE])?
+        .first()
+        .map_or(0, |(_, v)| *v);
+    Ok(KernelView {
+        regs,
+        sregs,
+        kernel_gs_base,
     })
 }
 

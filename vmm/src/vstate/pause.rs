@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::GuestMemoryMmap;
 
-use crate::persist::vcpu_state::VcpuState;
+use crate::persist::vcpu_state::{KernelView, VcpuState};
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuResponse};
 
 /// How long one vCPU may take to answer a pause, resume or state request.
@@ -98,6 +98,24 @@ pub fn save_one(handle: &VcpuHandle, msrs: &Arc<Vec<u32>>) -> Result<VcpuState, 
         vcpu: handle.id,
         detail,
     })
+}
+
+/// Reads every parked vCPU's [`KernelView`]; the requests all go out first, so the
+/// vCPU threads answer in parallel.
+pub fn read_kernel_views(vcpus: &[VcpuHandle]) -> Result<Vec<KernelView>, PauseError> {
+    for v in vcpus {
+        v.send(VcpuEvent::ReadKernelView)?;
+    }
+    vcpus
+        .iter()
+        .map(|v| {
+            let view = wait_for(v, VCPU_TIMEOUT, |r| match r {
+                VcpuResponse::KernelView(s) => Some(*s),
+                _ => None,
+            })?;
+            view.map_err(|detail| PauseError::State { vcpu: v.id, detail })
+        })
+        .collect()
 }
 
 /// Pause latencies: how many pauses, and the most recent ones for percentiles.
@@ -252,6 +270,11 @@ impl<'a> PausedVm<'a> {
             .collect()
     }
 
+    /// Every vCPU's registers for introspection, in vCPU id order (read in parallel).
+    pub fn kernel_views(&self) -> Result<Vec<KernelView>, PauseError> {
+        read_kernel_views(self.vcpus)
+    }
+
     /// Guest RAM (nothing in the guest writes it while paused).
     pub fn memory(&self) -> &GuestMemoryMmap {
         self.memory
@@ -330,6 +353,13 @@ mod tests {
             kvm_bindings::KVM_MP_STATE_UNINITIALIZED,
             "the AP still waits for SIPI"
         );
+        // The light read for introspection agrees with the full state.
+        let views = PausedVm::new(&handles, &msrs, &mem).kernel_views().unwrap();
+        assert_eq!(views.len(), 2);
+        for (view, full) in views.iter().zip(&first) {
+            assert_eq!((view.regs.rip, view.regs.rax), (full.0, full.1));
+            assert_eq!(view.kernel_gs_base, 0);
+        }
         // A nested hold does not pause again; the last release resumes.
         assert_eq!(control.hold(&handles).unwrap(), None);
         assert!(!control.release(&handles).unwrap());
@@ -342,6 +372,10 @@ mod tests {
         // States cannot be read from running vCPUs.
         assert!(matches!(
             save_one(&handles[0], &msrs),
+            Err(PauseError::State { vcpu: 0, .. })
+        ));
+        assert!(matches!(
+            read_kernel_views(&handles),
             Err(PauseError::State { vcpu: 0, .. })
         ));
         for h in &handles {

@@ -16,7 +16,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::x86_64::emulate::{self, EmulateError, Fallback, FallbackStats, GuestCpuAccess};
 use crate::devices::bus::Bus;
-use crate::persist::vcpu_state::{self, VcpuState};
+use crate::persist::vcpu_state::{self, KernelView, VcpuState};
 use crate::vstate::exit::{ExitReason, ExitSignal};
 
 /// Signal used to kick a vCPU thread out of `KVM_RUN`.
@@ -42,6 +42,8 @@ pub enum VcpuEvent {
     Finish,
     /// While paused: complete any pending I/O and save the vCPU's state (these MSRs).
     SaveState(Arc<Vec<u32>>),
+    /// While paused: read the registers introspection needs (a [`KernelView`]).
+    ReadKernelView,
 }
 
 /// Replies from a vCPU thread.
@@ -51,6 +53,7 @@ pub enum VcpuResponse {
     Resumed,
     Finished,
     State(Box<Result<VcpuState, String>>),
+    KernelView(Box<Result<KernelView, String>>),
 }
 
 impl PartialEq for VcpuResponse {
@@ -261,6 +264,11 @@ impl Vcpu {
                         "vCPU is running; pause it first".into(),
                     ))));
                 }
+                VcpuEvent::ReadKernelView => {
+                    let _ = responses.send(VcpuResponse::KernelView(Box::new(Err(
+                        "vCPU is running; pause it first".into(),
+                    ))));
+                }
                 VcpuEvent::Pause => {
                     // Tell the guest it was stopped, so its watchdogs forgive the gap.
                     if let Err(e) = self.fd.kvmclock_ctrl() {
@@ -278,6 +286,9 @@ impl Vcpu {
                             }
                             Ok(VcpuEvent::SaveState(msrs)) => {
                                 let _ = responses.send(self.save_state(&msrs));
+                            }
+                            Ok(VcpuEvent::ReadKernelView) => {
+                                let _ = responses.send(self.kernel_view());
                             }
                             Ok(VcpuEvent::Finish) | Err(_) => return true,
                         }
@@ -305,6 +316,9 @@ impl Vcpu {
                 Ok(VcpuEvent::SaveState(msrs)) => {
                     let _ = responses.send(self.save_state(&msrs));
                 }
+                Ok(VcpuEvent::ReadKernelView) => {
+                    let _ = responses.send(self.kernel_view());
+                }
             }
         }
     }
@@ -316,6 +330,12 @@ impl Vcpu {
             .and_then(|_| vcpu_state::save(&self.fd, id, msrs))
             .map_err(|e| e.to_string());
         VcpuResponse::State(Box::new(result))
+    }
+
+    /// Reads this (paused) vCPU's registers for introspection.
+    fn kernel_view(&self) -> VcpuResponse {
+        let result = vcpu_state::read_kernel_view(&self.fd, self.id).map_err(|e| e.to_string());
+        VcpuResponse::KernelView(Box::new(result))
     }
 
     fn stop(&self, reason: ExitReason) -> Result<Flow, Interrupted> {
