@@ -157,7 +157,7 @@ impl Vm {
 
     /// Registers guest RAM with the 4 KiB `pages` read-only: guest writes to them exit
     /// to the VMM as MMIO (the text guard answers), the VMM's own writes go through.
-    /// Only regions whose layout changes are re-registered. Call with every vCPU out of
+    /// Only the slots whose range or access changes are re-registered. Call with every vCPU out of
     /// `KVM_RUN` (paused), or before they start.
     pub fn set_read_only(&self, pages: &BTreeSet<u64>) -> Result<(), VmError> {
         if pages.len() > MAX_READONLY_PAGES {
@@ -171,30 +171,60 @@ impl Vm {
             if table.regions.len() <= i {
                 table.regions.push(Vec::new());
             }
-            let same = table.regions[i].len() == wanted.len()
-                && table.regions[i]
-                    .iter()
-                    .zip(&wanted)
-                    .all(|(s, w)| (s.gpa, s.size, s.readonly) == *w);
-            if same {
-                continue;
-            }
-            for old in std::mem::take(&mut table.regions[i]) {
-                self.set_slot(Slot { size: 0, ..old }, host + (old.gpa - start))?;
+            // Only the slots that change are touched: KVM cannot resize a slot, and
+            // deleting one makes KVM drop every mapping it built for it (under shadow
+            // paging, as on PVM, the guest then faults those pages in again). The table
+            // follows each ioctl, so it stays true if one fails.
+            let (keep, gone): (Vec<Slot>, Vec<Slot>) = std::mem::take(&mut table.regions[i])
+                .into_iter()
+                .partition(|s| wanted.contains(&(s.gpa, s.size, s.readonly)));
+            table.regions[i] = keep;
+            for (n, old) in gone.iter().enumerate() {
+                if let Err(e) = self.set_slot(Slot { size: 0, ..*old }, host + (old.gpa - start)) {
+                    table.regions[i].extend_from_slice(&gone[n..]);
+                    table.regions[i].sort_by_key(|s| s.gpa);
+                    return Err(e);
+                }
                 table.free.push(old.id);
             }
             for (gpa, size, readonly) in wanted {
+                if table.regions[i]
+                    .iter()
+                    .any(|s| (s.gpa, s.size, s.readonly) == (gpa, size, readonly))
+                {
+                    continue;
+                }
                 let slot = Slot {
                     id: table.take_id(),
                     gpa,
                     size,
                     readonly,
                 };
-                self.set_slot(slot, host + (gpa - start))?;
+                if let Err(e) = self.set_slot(slot, host + (gpa - start)) {
+                    table.free.push(slot.id);
+                    table.regions[i].sort_by_key(|s| s.gpa);
+                    return Err(e);
+                }
                 table.regions[i].push(slot);
             }
+            table.regions[i].sort_by_key(|s| s.gpa);
         }
         Ok(())
+    }
+
+    /// The registered slots, `(id, gpa, size, read-only)` per RAM region.
+    #[cfg(test)]
+    fn slot_layout(&self) -> Vec<Vec<(u32, u64, u64, bool)>> {
+        let table = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        table
+            .regions
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .map(|s| (s.id, s.gpa, s.size, s.readonly))
+                    .collect()
+            })
+            .collect()
     }
 
     pub fn fd(&self) -> &Arc<VmFd> {
@@ -306,6 +336,43 @@ mod tests {
         let memory = allocate_memory(&ram_regions(64 << 20)).unwrap();
         let vm = Vm::new(&kvm, memory).expect("VM creation");
         assert_eq!(vm.memory().num_regions(), 1);
+        vm.fd().create_vcpu(0).expect("vCPU creation");
+    }
+
+    /// Guarding one more page re-registers only the slot it splits; the slots before it
+    /// keep their ids. Releasing every page gives back one slot per region.
+    #[test]
+    fn read_only_changes_touch_only_the_slots_they_split() {
+        let kvm = open_kvm().expect("this test needs a working /dev/kvm");
+        let memory = allocate_memory(&ram_regions(64 << 20)).unwrap();
+        let vm = Vm::new(&kvm, memory).expect("VM creation");
+        let (p, q) = (0x20_0000u64, 0x80_0000u64);
+        vm.set_read_only(&[p].into_iter().collect()).unwrap();
+        let one = vm.slot_layout()[0].clone();
+        assert_eq!(one.len(), 3, "{one:?}");
+        assert_eq!((one[1].1, one[1].2, one[1].3), (p, 0x1000, true));
+        vm.set_read_only(&[p, q].into_iter().collect()).unwrap();
+        let two = vm.slot_layout()[0].clone();
+        assert_eq!(two.len(), 5, "{two:?}");
+        assert_eq!(
+            &two[..2],
+            &one[..2],
+            "the slots below the new page were kept"
+        );
+        assert_eq!(
+            two.iter().map(|s| (s.1, s.2, s.3)).collect::<Vec<_>>(),
+            segments(0, 64 << 20, &[p, q].into_iter().collect())
+        );
+        let ids: BTreeSet<u32> = two.iter().map(|s| s.0).collect();
+        assert_eq!(ids.len(), 5, "slot ids are distinct: {two:?}");
+        vm.set_read_only(&BTreeSet::new()).unwrap();
+        let none = vm.slot_layout();
+        assert_eq!(none[0].len(), 1);
+        assert_eq!(
+            (none[0][0].1, none[0][0].2, none[0][0].3),
+            (0, 64 << 20, false)
+        );
+        // Guest memory is still usable through the re-registered slot.
         vm.fd().create_vcpu(0).expect("vCPU creation");
     }
 
