@@ -150,7 +150,11 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             regs: (flags & 2 != 0).then_some(regs),
         }
     };
-    let trace = orc::unwind(&table, &start, &stacks, &image, &is_text, max_frames);
+    let code = orc::SingleTable {
+        table: &table,
+        is_text: &is_text,
+    };
+    let trace = orc::unwind(&code, &start, &stacks, &image, max_frames);
     assert!(trace.frames.len() <= max_frames);
     assert_eq!(trace.reliable, trace.problem.is_none());
     if trace.ended_in_user {

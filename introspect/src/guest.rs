@@ -7,7 +7,7 @@ use crate::btf::{Btf, BtfError};
 use crate::cpu::{CpuRegs, Vcpus};
 use crate::kernel::{KallsymsFrom, Kernel, KernelError};
 use crate::memory::{GuestPhysMemory, MemError};
-use crate::modules::{self, Module, ModuleError, ModuleLayout};
+use crate::modules::{self, LazyModules, Module, ModuleError, ModuleLayout};
 use crate::orc::{OrcError, OrcTable};
 use crate::paging::{PageTables, VirtMemory};
 use crate::stacks::{CpuStackLayout, TaskTrace, Unwinder};
@@ -196,6 +196,19 @@ impl GuestKernel {
         Ok(modules::enumerate(&self.virt(mem), layout, *head)?)
     }
 
+    /// Each loaded module's core memory, text and ORC table pointers (`/proc/modules`
+    /// order). Read while the vCPUs are paused, or from a snapshot.
+    pub fn module_code(
+        &self,
+        mem: &dyn GuestPhysMemory,
+    ) -> Result<Vec<modules::ModuleCode>, GuestError> {
+        let (head, layout) = self
+            .module_list
+            .as_ref()
+            .map_err(|e| ModuleError::Btf(e.clone()))?;
+        Ok(modules::code_ranges(&self.virt(mem), layout, *head)?)
+    }
+
     /// Kernel virtual memory through the kernel's page tables.
     pub fn virt<'a>(&self, mem: &'a dyn GuestPhysMemory) -> VirtMemory<'a> {
         VirtMemory::new(mem, self.page_tables)
@@ -235,6 +248,10 @@ impl GuestKernel {
             trampolines: &self.trampolines,
             percpu_offsets: &offsets,
             cpu_stacks: &self.cpu_stacks,
+            modules: LazyModules::new(
+                &v,
+                self.module_list.as_ref().ok().map(|(head, l)| (*head, l)),
+            ),
         };
         let by_cpu: Vec<(u32, &CpuRegs)> = regs
             .iter()

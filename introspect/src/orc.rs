@@ -12,8 +12,10 @@
 //!   recovers the real return address from per-task lists; this module reports the
 //!   trampoline address as the frame's ip (it is kernel text, so the trace stays
 //!   "reliable"), so a caller checking frames against functions must look for those ips;
-//! - ftrace dynamic trampolines and module text have no entries in a vmlinux table:
-//!   a lookup there is wrong or missing and makes the trace unreliable.
+//! - ftrace dynamic trampolines have no ORC entries: a lookup there is missing and
+//!   makes the trace unreliable. Module text has its own table; the caller's
+//!   [`CodeMap`] supplies it (`stacks.rs` reads it from the module, as the kernel's
+//!   `orc_module_find`).
 
 use std::collections::HashSet;
 
@@ -215,6 +217,31 @@ impl OrcTable {
     }
 }
 
+/// Where the unwinder finds code: which addresses are kernel text (the kernel's
+/// `__kernel_text_address`: vmlinux text and module text) and the ORC entry covering
+/// an address (the kernel's `orc_find`: vmlinux's table, or the module's own).
+pub trait CodeMap {
+    fn is_text(&self, ip: u64) -> bool;
+    /// The ORC entry for `ip`, an address [`CodeMap::is_text`] accepted.
+    fn orc(&self, ip: u64) -> Option<OrcEntry>;
+}
+
+/// One ORC table and a text predicate: vmlinux alone.
+pub struct SingleTable<'a> {
+    pub table: &'a OrcTable,
+    pub is_text: &'a dyn Fn(u64) -> bool,
+}
+
+impl CodeMap for SingleTable<'_> {
+    fn is_text(&self, ip: u64) -> bool {
+        (self.is_text)(ip)
+    }
+
+    fn orc(&self, ip: u64) -> Option<OrcEntry> {
+        self.table.find(ip)
+    }
+}
+
 /// Reads one 8-byte little-endian word of guest virtual memory (`None` if unmapped).
 pub trait StackReader {
     fn read_u64(&self, va: u64) -> Option<u64>;
@@ -348,10 +375,9 @@ enum Step {
 }
 
 struct Walker<'a> {
-    table: &'a OrcTable,
+    code: &'a dyn CodeMap,
     stacks: &'a [StackRange],
     reader: &'a dyn StackReader,
-    is_kernel_text: &'a dyn Fn(u64) -> bool,
     ip: u64,
     sp: u64,
     bp: u64,
@@ -436,8 +462,8 @@ impl Walker<'_> {
         let orc = if ip == 0 || lookup == 0 {
             NULL_ENTRY
         } else {
-            let found = if (self.is_kernel_text)(lookup) {
-                self.table.find(lookup)
+            let found = if self.code.is_text(lookup) {
+                self.code.orc(lookup)
             } else {
                 None
             };
@@ -594,13 +620,12 @@ fn failed(frames: Vec<Frame>, problem: String) -> Trace {
 /// Unwinds from `start` with the kernel's ORC rules (§5.3), reading only inside `stacks`.
 /// The first frame is the start ip; at most `max_frames` frames are returned. A trace
 /// that did not end at an ORC end entry or at user-mode registers, or met any error
-/// (including a frame whose ip fails `is_kernel_text`), is unreliable.
+/// (including a frame whose ip is not text by `code`), is unreliable.
 pub fn unwind(
-    table: &OrcTable,
+    code: &dyn CodeMap,
     start: &UnwindStart,
     stacks: &[StackRange],
     reader: &dyn StackReader,
-    is_kernel_text: &dyn Fn(u64) -> bool,
     max_frames: usize,
 ) -> Trace {
     if max_frames == 0 {
@@ -636,10 +661,9 @@ pub fn unwind(
         );
     };
     let mut w = Walker {
-        table,
+        code,
         stacks,
         reader,
-        is_kernel_text,
         ip: start.ip,
         sp: start.sp,
         bp: start.bp,
@@ -650,7 +674,7 @@ pub fn unwind(
         visited: HashSet::from([stacks[current].kind]),
         problem: None,
     };
-    if !is_kernel_text(start.ip) {
+    if !code.is_text(start.ip) {
         w.note(format!("start ip {:#x} is not kernel text", start.ip));
     }
     let mut ended_in_user = false;
@@ -672,7 +696,7 @@ pub fn unwind(
                     finished = true;
                     break;
                 }
-                if !is_kernel_text(f.ip) {
+                if !code.is_text(f.ip) {
                     w.note(format!(
                         "return address {:#x} (at sp {:#x}) is not kernel text",
                         f.ip, f.sp
@@ -832,7 +856,17 @@ mod tests {
         }
     }
     fn run(start: &UnwindStart, stacks: &[StackRange], m: &Mem) -> Trace {
-        unwind(&table(), start, stacks, m, &text, 64)
+        let t = table();
+        unwind(
+            &SingleTable {
+                table: &t,
+                is_text: &text,
+            },
+            start,
+            stacks,
+            m,
+            64,
+        )
     }
     fn ips(t: &Trace) -> Vec<u64> {
         t.frames.iter().map(|f| f.ip).collect()
@@ -952,6 +986,47 @@ mod tests {
         assert!(t.problem.unwrap().contains("no ORC"));
     }
 
+    /// vmlinux plus one module with its own table, as `stacks.rs` composes them.
+    struct WithModule {
+        core: OrcTable,
+        module: OrcTable,
+    }
+    const MODULE: u64 = 0xffff_ffff_c000_0000;
+    impl CodeMap for WithModule {
+        fn is_text(&self, ip: u64) -> bool {
+            text(ip) || (MODULE..MODULE + 0x1000).contains(&ip)
+        }
+        fn orc(&self, ip: u64) -> Option<OrcEntry> {
+            if text(ip) {
+                self.core.find(ip)
+            } else {
+                self.module.find(ip)
+            }
+        }
+    }
+
+    #[test]
+    fn module_frames_unwind_with_the_module_table() {
+        // F0 returns into module code (frame 8 by the module's table), which returns to F2.
+        let m = mem(&[(S + 0x3008, MODULE + 0x150), (S + 0x3010, F2 + 0x50)]);
+        let start = sleeping(F0 + 0x50, S + 0x3000, 0);
+        let module = build(&[
+            (MODULE + 0x100, e(ORC_REG_SP, 8, ORC_TYPE_CALL)),
+            (MODULE + 0x200, OrcEntry::default()),
+        ]);
+        let code = WithModule {
+            core: table(),
+            module,
+        };
+        let t = unwind(&code, &start, &[task()], &m, 64);
+        assert_eq!(ips(&t), [F0 + 0x50, MODULE + 0x150, F2 + 0x50]);
+        assert!(t.reliable, "{:?}", t.problem);
+        // vmlinux's table alone does not know the module: not text, unreliable.
+        let t = run(&start, &[task()], &m);
+        assert!(!t.reliable);
+        assert!(t.problem.unwrap().contains("not kernel text"));
+    }
+
     #[test]
     fn return_address_outside_text_is_unreliable() {
         let m = mem(&[(S + 0x3008, 0xdead_0000)]);
@@ -985,11 +1060,16 @@ mod tests {
         // Every slot returns into F1, so each frame is 8 bytes higher: 2k frames.
         let words: Vec<_> = (0..0x800).map(|i| (S + 8 * i, F1 + 1)).collect();
         let m = mem(&words);
-        let t = unwind(&table(), &sleeping(F1 + 1, S, 0), &[task()], &m, &text, 10);
+        let orc = table();
+        let code = SingleTable {
+            table: &orc,
+            is_text: &text,
+        };
+        let t = unwind(&code, &sleeping(F1 + 1, S, 0), &[task()], &m, 10);
         assert_eq!(t.frames.len(), 10);
         assert!(!t.reliable);
         assert!(t.problem.unwrap().contains("more than 10"));
-        let t = unwind(&table(), &sleeping(F1 + 1, S, 0), &[task()], &m, &text, 0);
+        let t = unwind(&code, &sleeping(F1 + 1, S, 0), &[task()], &m, 0);
         assert!(t.frames.is_empty() && !t.reliable);
     }
 

@@ -4,8 +4,10 @@
 
 use crate::cpu::CpuRegs;
 use crate::kallsyms::SymbolTable;
+use crate::modules::LazyModules;
 use crate::orc::{
-    self, FullRegs, OrcTable, StackKind, StackRange, StackReader, Trace, UnwindStart,
+    self, CodeMap, FullRegs, OrcEntry, OrcTable, StackKind, StackRange, StackReader, Trace,
+    UnwindStart,
 };
 use crate::tasks::Task;
 use crate::virt::KernelMemory;
@@ -45,6 +47,22 @@ pub struct Unwinder<'a> {
     pub trampolines: &'a [u64],
     pub percpu_offsets: &'a [u64],
     pub cpu_stacks: &'a CpuStackLayout,
+    /// Module text, ORC tables and symbols, read when a trace first leaves vmlinux.
+    pub modules: LazyModules<'a>,
+}
+
+impl CodeMap for Unwinder<'_> {
+    fn is_text(&self, ip: u64) -> bool {
+        self.is_core_text(ip) || self.modules.is_text(ip)
+    }
+
+    fn orc(&self, ip: u64) -> Option<OrcEntry> {
+        if self.is_core_text(ip) {
+            self.orc.find(ip)
+        } else {
+            self.modules.orc(ip)
+        }
+    }
 }
 
 struct Reader<'a>(&'a dyn KernelMemory);
@@ -90,7 +108,8 @@ impl Unwinder<'_> {
         find(want).or_else(|| find(alt)).map(|c| c as u32)
     }
 
-    pub fn is_text(&self, addr: u64) -> bool {
+    /// `addr` is vmlinux text (core or init).
+    pub fn is_core_text(&self, addr: u64) -> bool {
         self.text.iter().any(|&(s, e)| s <= addr && addr < e)
     }
 
@@ -233,12 +252,19 @@ impl Unwinder<'_> {
 
     fn run(&self, start: &UnwindStart, stacks: &[StackRange]) -> Trace {
         let reader = Reader(self.mem);
-        let is_text = |a: u64| self.is_text(a);
-        orc::unwind(self.orc, start, stacks, &reader, &is_text, MAX_FRAMES)
+        orc::unwind(self, start, stacks, &reader, MAX_FRAMES)
     }
 
-    /// `function+0xoff/0xsize`, as `/proc/PID/stack` prints it.
+    /// `function+0xoff/0xsize`, as `/proc/PID/stack` prints it; in module text,
+    /// `function+0xoff/0xsize [module]`.
     pub fn symbolize(&self, ip: u64) -> String {
+        if !self.is_core_text(ip) && self.modules.module_at(ip).is_some() {
+            // The kernel prints a bare address for module memory no symbol covers.
+            return self
+                .modules
+                .symbolize(ip)
+                .unwrap_or_else(|| format!("{ip:#x}"));
+        }
         match self.symbols.symbolize(ip) {
             Some((s, off)) => format!("{}+{off:#x}/{:#x}", s.name, s.size),
             None => format!("{ip:#x}"),

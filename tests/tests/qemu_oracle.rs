@@ -138,6 +138,7 @@ fn check_against_guest(tag: &str, cpu: &str, append: &str, levels: u8) -> String
     g.run("sleep 1", T);
     let proc_stack = g.run(&format!("cat /proc/{sleep_pid}/stack"), T);
     let pti = g.run("grep -c ' pti' /proc/cpuinfo || true", T);
+    let proc_modules = g.run("cat /proc/modules", T);
     o.stop_and_dump();
     let dump = o.dump.to_str().unwrap().to_string();
 
@@ -226,6 +227,38 @@ fn check_against_guest(tag: &str, cpu: &str, append: &str, levels: u8) -> String
         );
     }
 
+    // Modules: name, core size, state and core address as the guest's /proc/modules gives
+    // them (root sees the addresses); and each module's ORC entry count, which the kernel
+    // takes from the size of the module's `.orc_unwind_ip` section, as its .ko file says.
+    let host_modules = vmm_ok(&["modules", "--dump", &dump]);
+    let mut compared = 0;
+    for line in proc_modules.lines() {
+        // `virtio_blk 24576 0 - Live 0xffffffffc0123000`
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 6 {
+            continue;
+        }
+        let host = host_modules
+            .lines()
+            .find(|l| l.split(' ').next() == Some(f[0]))
+            .unwrap_or_else(|| panic!("{tag}: module {} missing: {host_modules}", f[0]));
+        let h: Vec<&str> = host.split(' ').collect();
+        assert_eq!(
+            (h[1], h[2], h[3]),
+            (f[1], f[4], f[5]),
+            "{tag}: {host} vs {line}"
+        );
+        let orc: usize = h[5].strip_prefix("orc=").unwrap().parse().unwrap();
+        assert_eq!(orc, ko_orc_entries(f[0]), "{tag}: {host}");
+        compared += 1;
+    }
+    assert_eq!(
+        compared,
+        host_modules.lines().count(),
+        "{tag}: {host_modules}"
+    );
+    assert!(compared >= 3, "{tag}: {proc_modules}");
+
     // Stack: the guest's /proc/PID/stack (which hides the scheduler's own __sched frames)
     // is the tail of the host's reliable ORC trace of the same task.
     let guest_frames: Vec<&str> = proc_stack.lines().map(str::trim).collect();
@@ -240,6 +273,35 @@ fn check_against_guest(tag: &str, cpu: &str, append: &str, levels: u8) -> String
     );
     assert!(host_frames.len() - guest_frames.len() <= 4, "{tag}: {st}");
     kaslr_offset(&info)
+}
+
+/// Entries of the `.orc_unwind_ip` section of module `name`'s .ko in the extracted kernel
+/// package the guest image was built from.
+fn ko_orc_entries(name: &str) -> usize {
+    fn find(dir: &std::path::Path, file: &str) -> Option<PathBuf> {
+        for e in std::fs::read_dir(dir).ok()?.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                if let Some(f) = find(&p, file) {
+                    return Some(f);
+                }
+            } else if p.file_name().is_some_and(|n| n == file) {
+                return Some(p);
+            }
+        }
+        None
+    }
+    let extract = integration_tests::workspace_root().join("guest-images/cache/extract");
+    let ko = find(&extract, &format!("{name}.ko"))
+        .unwrap_or_else(|| panic!("{name}.ko is not under {}", extract.display()));
+    let bytes = std::fs::read(&ko).unwrap();
+    let file = object::File::parse(&*bytes).unwrap();
+    use object::{Object, ObjectSection};
+    let size = file
+        .section_by_name(".orc_unwind_ip")
+        .unwrap_or_else(|| panic!("{} has no .orc_unwind_ip", ko.display()))
+        .size();
+    (size / 4) as usize
 }
 
 fn kaslr_offset(kernel_info: &str) -> String {

@@ -8,7 +8,7 @@ use introspect::cpu::{CpuRegs, Vcpus};
 use introspect::guest::{GuestError, GuestKernel, TaskStackTrace};
 use introspect::kallsyms::{LookupError, Symbol, SymbolTable};
 use introspect::memory::{FileMemory, GuestPhysMemory, MemError};
-use introspect::modules::{Module, ModuleSymbol};
+use introspect::modules::{Module, ModuleCode, ModuleSymbol};
 use introspect::orc::FrameKind;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -198,6 +198,31 @@ pub fn symbols_report(
     Ok(json!({ "symbols": lines, "modules_error": error }))
 }
 
+/// `vmm modules` / `GET /kernel/modules`: each loaded module as `/proc/modules` gives it
+/// (name, core size, state, core address), with its text size and ORC entry count.
+pub fn modules_report(modules: Result<Vec<ModuleCode>, GuestError>) -> Result<Value, String> {
+    let modules = modules.map_err(|e| e.to_string())?;
+    let list: Vec<Value> = modules
+        .iter()
+        .map(|m| {
+            json!({
+                "name": m.name,
+                "size": m.core.1 - m.core.0,
+                "state": match m.state {
+                    0 => "Live",
+                    1 => "Loading",
+                    2 => "Unloading",
+                    _ => "unknown",
+                },
+                "address": format!("{:#x}", m.core.0),
+                "text_size": m.text.1 - m.text.0,
+                "orc_entries": m.orc.map_or(0, |o| o.2),
+            })
+        })
+        .collect();
+    Ok(json!({ "modules": list }))
+}
+
 /// The kernel summary `vmm kernel` prints.
 pub fn kernel_report(gk: &GuestKernel) -> Value {
     let k = &gk.kernel;
@@ -275,6 +300,16 @@ impl RunningVm {
             .with_paused(|p| gk.modules(&LiveMemory(p.memory())))
             .map_err(|e| e.to_string())?;
         symbols_report(gk, modules, names)
+    }
+
+    /// `GET /kernel/modules`: the module list is read with the vCPUs paused.
+    pub fn modules_json(&mut self) -> Result<Value, String> {
+        self.guest_kernel()?;
+        let gk = self.kernel.as_ref().expect("loaded");
+        let modules = self
+            .with_paused(|p| gk.module_code(&LiveMemory(p.memory())))
+            .map_err(|e| e.to_string())?;
+        modules_report(modules)
     }
 
     /// `GET /kernel`.

@@ -70,6 +70,8 @@ enum Command {
     },
     /// Print what the guest kernel is: release, build ID, KASLR offset, paging mode.
     Kernel(inspect::Source),
+    /// List the guest kernel's loaded modules, like /proc/modules (with text size and ORC entries).
+    Modules(inspect::Source),
     /// List the guest's tasks (processes, threads, idle tasks) read from its memory.
     Ps(inspect::Source),
     /// Print a guest task's kernel stack (ORC unwind), like /proc/PID/stack.
@@ -572,6 +574,7 @@ fn main() -> ExitCode {
         Command::Patch(args) => patch(args),
         Command::Symbols { all, names, source } => inspect::symbols(&source, all, &names),
         Command::Kernel(src) => inspect::kernel(&src),
+        Command::Modules(src) => inspect::modules(&src),
         Command::Ps(src) => inspect::ps(&src),
         Command::Stack { pid, cpu, source } => inspect::stack(&source, pid, cpu),
         Command::Sysrq { target, key } => {

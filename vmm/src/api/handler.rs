@@ -57,6 +57,11 @@ impl RunningVm {
                     .map_or_else(|e| ApiResponse::error(422, e), ApiResponse::ok),
                 None,
             ),
+            ApiRequest::KernelModules => (
+                self.modules_json()
+                    .map_or_else(|e| ApiResponse::error(422, e), ApiResponse::ok),
+                None,
+            ),
             ApiRequest::KernelDigest => (
                 self.kernel_digest_json()
                     .map_or_else(|e| ApiResponse::error(422, e), ApiResponse::ok),

@@ -35,6 +35,8 @@ pub enum ApiRequest {
     Kernel,
     /// `GET /kernel/symbols[?names=A;B,2]`: /proc/kallsyms lines.
     KernelSymbols { names: Vec<String> },
+    /// `GET /kernel/modules`: the loaded modules, as /proc/modules.
+    KernelModules,
     /// `GET /kernel/text?symbol=NAME[,SYMPOS]`: a function's current bytes.
     KernelText { symbol: String },
     /// `GET /kernel/digest`: SHA-256 of the kernel's text and of the patch area.
@@ -129,7 +131,7 @@ pub fn route(req: &Request) -> Result<ApiRequest, ApiResponse> {
         "/vm" => "GET",
         "/vm/state" | "/snapshot" | "/console/sysrq" | "/patches/disable" => "PUT",
         "/vm/vcpus" | "/patches/events" | "/kernel" | "/kernel/text" | "/kernel/symbols"
-        | "/kernel/digest" | "/tasks" => "GET",
+        | "/kernel/modules" | "/kernel/digest" | "/tasks" => "GET",
         "/patches" if req.method == "GET" => "GET",
         "/patches" => "PUT",
         _ => return Err(ApiResponse::error(404, format!("no endpoint {path}"))),
@@ -146,6 +148,7 @@ pub fn route(req: &Request) -> Result<ApiRequest, ApiResponse> {
         "/patches/events" => Ok(ApiRequest::PatchEvents),
         "/kernel" => Ok(ApiRequest::Kernel),
         "/kernel/digest" => Ok(ApiRequest::KernelDigest),
+        "/kernel/modules" => Ok(ApiRequest::KernelModules),
         "/kernel/symbols" => match query {
             "" => Ok(ApiRequest::KernelSymbols { names: Vec::new() }),
             q => match q.strip_prefix("names=") {

@@ -262,6 +262,38 @@ pub fn kernel(src: &Source) -> Result<i32, String> {
     Ok(0)
 }
 
+/// `vmm modules`: `NAME SIZE STATE ADDRESS` as /proc/modules orders them (without the
+/// reference counts and dependencies, which the VMM does not read), then the text size and
+/// ORC entries.
+pub fn modules(src: &Source) -> Result<i32, String> {
+    let v = match src.offline()? {
+        Some(o) => {
+            let gk = o.guest_kernel()?;
+            vmm::introspection::modules_report(gk.module_code(o.memory.as_ref()))?
+        }
+        None => src.get("/kernel/modules", |_| Err("offline handled above".into()))?,
+    };
+    if src.json {
+        println!("{v}");
+        return Ok(0);
+    }
+    for m in v["modules"]
+        .as_array()
+        .ok_or("the answer has no module list")?
+    {
+        println!(
+            "{} {} {} {} text={} orc={}",
+            m["name"].as_str().unwrap_or("?"),
+            m["size"],
+            m["state"].as_str().unwrap_or("?"),
+            m["address"].as_str().unwrap_or("?"),
+            m["text_size"],
+            m["orc_entries"],
+        );
+    }
+    Ok(0)
+}
+
 /// `vmm symbols [NAME[,SYMPOS]…|--all]`: /proc/kallsyms lines, modules' included.
 pub fn symbols(src: &Source, all: bool, names: &[String]) -> Result<i32, String> {
     let names = if all { &[] } else { names };
