@@ -10,7 +10,7 @@ use crate::memory::{GuestPhysMemory, MemError};
 use crate::modules::{self, LazyModules, Module, ModuleError, ModuleLayout};
 use crate::orc::{OrcError, OrcTable};
 use crate::paging::{PageTables, VirtMemory};
-use crate::stacks::{CpuStackLayout, TaskTrace, Unwinder};
+use crate::stacks::{self, CpuStackLayout, TaskTrace, Unwinder};
 use crate::tasks::{self, Task, TaskError, TaskLayout, TaskRoots};
 
 /// Largest BTF blob accepted (6.1.187's is about 4 MiB).
@@ -209,6 +209,21 @@ impl GuestKernel {
         Ok(modules::code_ranges(&self.virt(mem), layout, *head)?)
     }
 
+    fn lazy_modules<'a>(&'a self, v: &'a VirtMemory<'a>) -> LazyModules<'a> {
+        LazyModules::new(
+            v,
+            self.module_list.as_ref().ok().map(|(head, l)| (*head, l)),
+        )
+    }
+
+    /// A code address as a stack trace prints it: `function+0xoff/0xsize`, with
+    /// ` [module]` in module text, or the bare address.
+    pub fn symbolize(&self, mem: &dyn GuestPhysMemory, addr: u64) -> String {
+        let in_core = self.text.iter().any(|&(s, e)| s <= addr && addr < e);
+        let v = self.virt(mem);
+        stacks::symbolize(&self.kernel.symbols, in_core, &self.lazy_modules(&v), addr)
+    }
+
     /// Kernel virtual memory through the kernel's page tables.
     pub fn virt<'a>(&self, mem: &'a dyn GuestPhysMemory) -> VirtMemory<'a> {
         VirtMemory::new(mem, self.page_tables)
@@ -226,6 +241,17 @@ impl GuestKernel {
         &self,
         mem: &dyn GuestPhysMemory,
         vcpus: &dyn Vcpus,
+    ) -> Result<Vec<TaskStackTrace>, GuestError> {
+        self.task_traces_with(mem, vcpus, true)
+    }
+
+    /// [`GuestKernel::task_traces`], leaving the frames unsymbolized when `symbolize`
+    /// is false (a live patch's check, which looks only at addresses, inside its pause).
+    pub fn task_traces_with(
+        &self,
+        mem: &dyn GuestPhysMemory,
+        vcpus: &dyn Vcpus,
+        symbolize: bool,
     ) -> Result<Vec<TaskStackTrace>, GuestError> {
         // One page walker (and its translation cache) and one read of the per-CPU
         // offsets serve the task walk and every unwind.
@@ -248,10 +274,8 @@ impl GuestKernel {
             trampolines: &self.trampolines,
             percpu_offsets: &offsets,
             cpu_stacks: &self.cpu_stacks,
-            modules: LazyModules::new(
-                &v,
-                self.module_list.as_ref().ok().map(|(head, l)| (*head, l)),
-            ),
+            modules: self.lazy_modules(&v),
+            symbolize,
         };
         let by_cpu: Vec<(u32, &CpuRegs)> = regs
             .iter()

@@ -17,8 +17,6 @@
 //!   [`CodeMap`] supplies it (`stacks.rs` reads it from the module, as the kernel's
 //!   `orc_module_find`).
 
-use std::collections::HashSet;
-
 /// Most ORC entries accepted (6.1 vmlinux has about 370k).
 pub const MAX_ORC_ENTRIES: usize = 4 << 20;
 /// Size of one `orc_entry` in 6.1.
@@ -140,7 +138,16 @@ const FP_ENTRY: OrcEntry = OrcEntry {
 pub struct OrcTable {
     ips: Vec<u64>,
     entries: Vec<OrcEntry>,
+    /// The kernel's `orc_lookup` idea: for each [`LOOKUP_BLOCK`]-byte block from
+    /// `ips[0]`, the number of ips before the block starts; a lookup then searches only
+    /// its block's entries. Empty when the ips span too much address space.
+    blocks: Vec<u32>,
 }
+
+/// Bytes of text per lookup block (the kernel's `LOOKUP_BLOCK_SIZE`).
+const LOOKUP_BLOCK: u64 = 256;
+/// Most lookup blocks built (4 MiB of index for 256 MiB of text).
+const MAX_LOOKUP_BLOCKS: u64 = 1 << 20;
 
 impl OrcTable {
     /// Builds the table from the raw `__start_orc_unwind_ip` bytes (s32 entries relative
@@ -193,18 +200,35 @@ impl OrcTable {
             ips = order.iter().map(|&i| ips[i]).collect();
             entries = order.iter().map(|&i| entries[i]).collect();
         }
-        Ok(OrcTable { ips, entries })
+        let blocks = lookup_blocks(&ips);
+        Ok(OrcTable {
+            ips,
+            entries,
+            blocks,
+        })
     }
 
     /// The entry covering `ip`: the one with the greatest start address ≤ `ip` (the last
     /// of equal ones). `None` below the first entry or for an empty table.
     pub fn find(&self, ip: u64) -> Option<OrcEntry> {
         // Number of entries whose ip is <= the target; the rightmost of them covers it.
-        let count = self.ips.partition_point(|&start| start <= ip);
+        let count = match self.block_bounds(ip) {
+            Some((lo, hi)) => lo + self.ips[lo..hi].partition_point(|&start| start <= ip),
+            None => self.ips.partition_point(|&start| start <= ip),
+        };
         count
             .checked_sub(1)
             .and_then(|i| self.entries.get(i))
             .copied()
+    }
+
+    /// The slice of `ips` that decides a lookup of `ip`: every ip before `lo` is ≤ `ip`
+    /// and every ip from `hi` on is greater.
+    fn block_bounds(&self, ip: u64) -> Option<(usize, usize)> {
+        let b = (ip.checked_sub(*self.ips.first()?)? / LOOKUP_BLOCK) as usize;
+        let lo = *self.blocks.get(b)? as usize;
+        let hi = *self.blocks.get(b + 1)? as usize;
+        (lo <= hi && hi <= self.ips.len()).then_some((lo, hi))
     }
 
     /// Number of entries.
@@ -215,6 +239,28 @@ impl OrcTable {
     pub fn is_empty(&self) -> bool {
         self.ips.is_empty()
     }
+}
+
+/// `blocks[b]`: how many of the sorted `ips` lie below block `b`'s start, for every
+/// block from `ips[0]` to one past the last ip's block.
+fn lookup_blocks(ips: &[u64]) -> Vec<u32> {
+    let (Some(&first), Some(&last)) = (ips.first(), ips.last()) else {
+        return Vec::new();
+    };
+    let n = (last - first) / LOOKUP_BLOCK + 2;
+    if n > MAX_LOOKUP_BLOCKS {
+        return Vec::new();
+    }
+    let mut blocks = Vec::with_capacity(n as usize);
+    let mut i = 0usize;
+    for b in 0..n {
+        let start = first + b * LOOKUP_BLOCK;
+        while i < ips.len() && ips[i] < start {
+            i += 1;
+        }
+        blocks.push(i as u32);
+    }
+    blocks
 }
 
 /// Where the unwinder finds code: which addresses are kernel text (the kernel's
@@ -386,7 +432,8 @@ struct Walker<'a> {
     prev_regs: Option<RegsSrc>,
     /// Index into `stacks` of the stack the walk is on.
     current: Option<usize>,
-    visited: HashSet<StackKind>,
+    /// Stack kinds the walk has been on (a handful: a linear search beats hashing).
+    visited: Vec<StackKind>,
     /// First soft error (the walk went on with a guess).
     problem: Option<String>,
 }
@@ -414,9 +461,10 @@ impl Walker<'_> {
             return false;
         };
         let kind = self.stacks[i].kind;
-        if !self.visited.insert(kind) {
+        if self.visited.contains(&kind) {
             return false;
         }
+        self.visited.push(kind);
         self.current = Some(i);
         true
     }
@@ -671,7 +719,7 @@ pub fn unwind(
         regs: start.regs.map(RegsSrc::Live),
         prev_regs: None,
         current: Some(current),
-        visited: HashSet::from([stacks[current].kind]),
+        visited: vec![stacks[current].kind],
         problem: None,
     };
     if !code.is_text(start.ip) {
@@ -1202,6 +1250,25 @@ mod tests {
             OrcTable::from_raw(u64::MAX - 3, &[0; 8], &ent),
             Err(IpOverflow { index: 1, .. })
         ));
+    }
+
+    #[test]
+    fn block_index_agrees_with_a_plain_search() {
+        // Irregular ips, duplicates included, over several blocks and a wide gap.
+        let mut rows = Vec::new();
+        let mut ip = T;
+        for i in 0..400u64 {
+            ip += (i * 37) % 300;
+            rows.push((ip, e(ORC_REG_SP, (i % 100) as i16, ORC_TYPE_CALL)));
+        }
+        rows.push((ip + 0x10_0000, e(ORC_REG_BP, 8, ORC_TYPE_CALL)));
+        let t = build(&rows);
+        assert!(!t.blocks.is_empty());
+        for probe in (T - 0x300..ip + 0x10_0400).step_by(7) {
+            let plain = t.ips.partition_point(|&s| s <= probe);
+            let want = plain.checked_sub(1).map(|i| t.entries[i]);
+            assert_eq!(t.find(probe), want, "ip {probe:#x}");
+        }
     }
 
     #[test]

@@ -7,7 +7,6 @@
 //! memory (vmalloc'd stacks, modules) is not physically contiguous.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 
 use crate::memory::{read_u64, GuestPhysMemory, MemError};
 
@@ -28,8 +27,10 @@ const RW: u64 = 1 << 1;
 const PS: u64 = 1 << 7;
 const NX: u64 = 1 << 63;
 
-/// Translated VA → PA pages kept by [`VirtMemory`]; the cache is emptied when full.
-const CACHE_CAP: usize = 4096;
+/// Slots of [`VirtMemory`]'s direct-mapped translation cache (a power of two).
+const CACHE_SLOTS: usize = 4096;
+/// A cache slot no virtual page number can match (VPNs have at most 45 bits).
+const EMPTY_SLOT: (u64, u64) = (u64::MAX, 0);
 
 /// Errors translating or reading guest virtual addresses.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -160,8 +161,9 @@ impl PageTables {
 pub struct VirtMemory<'a> {
     mem: &'a dyn GuestPhysMemory,
     pt: PageTables,
-    /// VA page number → PA of that 4 KiB page.
-    cache: RefCell<HashMap<u64, u64>>,
+    /// (VA page number, PA of that 4 KiB page), direct-mapped by the page number's low
+    /// bits: O(1) however the guest lays out its addresses, a collision just replaces.
+    cache: RefCell<Vec<(u64, u64)>>,
 }
 
 impl<'a> VirtMemory<'a> {
@@ -169,7 +171,7 @@ impl<'a> VirtMemory<'a> {
         VirtMemory {
             mem,
             pt,
-            cache: RefCell::new(HashMap::new()),
+            cache: RefCell::new(vec![EMPTY_SLOT; CACHE_SLOTS]),
         }
     }
 
@@ -183,7 +185,7 @@ impl<'a> VirtMemory<'a> {
 
     /// Forgets every cached translation.
     pub fn clear_cache(&self) {
-        self.cache.borrow_mut().clear();
+        self.cache.borrow_mut().fill(EMPTY_SLOT);
     }
 
     /// A full, uncached walk (flags included).
@@ -194,15 +196,16 @@ impl<'a> VirtMemory<'a> {
     /// Physical address of the 4 KiB page holding `va`, from the cache or a walk.
     fn page_pa(&self, va: u64) -> Result<u64, PagingError> {
         let vpn = va >> 12;
-        if let Some(&pa) = self.cache.borrow().get(&vpn) {
-            return Ok(pa);
+        let slot = (vpn as usize) & (CACHE_SLOTS - 1);
+        if let Some(&(v, pa)) = self.cache.borrow().get(slot) {
+            if v == vpn {
+                return Ok(pa);
+            }
         }
         let pa = self.pt.translate(self.mem, va)?.pa & !(PAGE_SIZE - 1);
-        let mut cache = self.cache.borrow_mut();
-        if cache.len() >= CACHE_CAP {
-            cache.clear();
+        if let Some(s) = self.cache.borrow_mut().get_mut(slot) {
+            *s = (vpn, pa);
         }
-        cache.insert(vpn, pa);
         Ok(pa)
     }
 

@@ -49,6 +49,9 @@ pub struct Unwinder<'a> {
     pub cpu_stacks: &'a CpuStackLayout,
     /// Module text, ORC tables and symbols, read when a trace first leaves vmlinux.
     pub modules: LazyModules<'a>,
+    /// Symbolize every frame ([`TaskTrace::symbols`]); a live patch's check does not
+    /// (it symbolizes only the frames of a task that blocks it).
+    pub symbolize: bool,
 }
 
 impl CodeMap for Unwinder<'_> {
@@ -77,13 +80,32 @@ impl StackReader for Reader<'_> {
 #[derive(Debug, Clone)]
 pub struct TaskTrace {
     pub trace: Trace,
-    /// `function+0xoff/0xsize` per frame (`?` when no symbol covers it).
+    /// `function+0xoff/0xsize` per frame (the address when no symbol covers it); empty
+    /// when the unwinder was told not to symbolize.
     pub symbols: Vec<String>,
     /// The stacks the trace was allowed to use.
     pub stacks: Vec<StackRange>,
     /// Every word of those stacks when the trace is unreliable (for the conservative
     /// "does anything on this stack point into…" check); empty when it is reliable.
     pub words: Vec<u64>,
+}
+
+/// A code address as the kernel prints it in a stack trace: `function+0xoff/0xsize`
+/// from vmlinux's symbols, `function+0xoff/0xsize [module]` in module text, the bare
+/// address in module memory no symbol covers.
+pub fn symbolize(
+    symbols: &SymbolTable,
+    in_core_text: bool,
+    modules: &LazyModules<'_>,
+    ip: u64,
+) -> String {
+    if !in_core_text && modules.module_at(ip).is_some() {
+        return modules.symbolize(ip).unwrap_or_else(|| format!("{ip:#x}"));
+    }
+    match symbols.symbolize(ip) {
+        Some((s, off)) => format!("{}+{off:#x}/{:#x}", s.name, s.size),
+        None => format!("{ip:#x}"),
+    }
 }
 
 fn unreliable(problem: String) -> Trace {
@@ -236,7 +258,11 @@ impl Unwinder<'_> {
                 ));
             }
         }
-        let symbols = trace.frames.iter().map(|f| self.symbolize(f.ip)).collect();
+        let symbols = if self.symbolize {
+            trace.frames.iter().map(|f| self.symbolize(f.ip)).collect()
+        } else {
+            Vec::new()
+        };
         let words = if trace.reliable {
             Vec::new()
         } else {
@@ -258,17 +284,7 @@ impl Unwinder<'_> {
     /// `function+0xoff/0xsize`, as `/proc/PID/stack` prints it; in module text,
     /// `function+0xoff/0xsize [module]`.
     pub fn symbolize(&self, ip: u64) -> String {
-        if !self.is_core_text(ip) && self.modules.module_at(ip).is_some() {
-            // The kernel prints a bare address for module memory no symbol covers.
-            return self
-                .modules
-                .symbolize(ip)
-                .unwrap_or_else(|| format!("{ip:#x}"));
-        }
-        match self.symbols.symbolize(ip) {
-            Some((s, off)) => format!("{}+{off:#x}/{:#x}", s.name, s.size),
-            None => format!("{ip:#x}"),
-        }
+        symbolize(self.symbols, self.is_core_text(ip), &self.modules, ip)
     }
 
     /// Every 8-byte word of `range` (for the conservative scan).

@@ -15,6 +15,9 @@ pub const MAX_TASKS: usize = 1 << 20;
 pub const MAX_CPUS: u32 = 8192;
 /// `THREAD_SIZE` on x86-64 without KASAN.
 pub const THREAD_SIZE: u64 = 16 << 10;
+/// Widest span of `task_struct` the fields read here may cover (6.1's whole struct is
+/// about 9.5 KiB; BTF comes from the guest).
+const MAX_TASK_SPAN: u64 = 32 << 10;
 
 /// `PF_IDLE` and `PF_KTHREAD` in `task_struct.flags`.
 pub const PF_IDLE: u32 = 0x2;
@@ -208,28 +211,54 @@ fn read_task(
     addr: u64,
     current_on: Option<u32>,
 ) -> Result<Task, TaskError> {
-    let what = |f: &str| format!("task {addr:#x} {f}");
-    let mut comm = [0u8; 16];
-    m.read_virt(addr.wrapping_add(l.comm), &mut comm)
+    // The fields lie within a few KiB of each other: one read of the span they cover
+    // (one or two page translations) instead of one per field.
+    let fields = [
+        (l.comm, 16),
+        (l.pid, 4),
+        (l.tgid, 4),
+        (l.state, 4),
+        (l.exit_state, 4),
+        (l.flags, 4),
+        (l.cpu, 4),
+        (l.on_cpu, 4),
+        (l.stack, 8),
+        (l.thread_sp, 8),
+        (l.mm, 8),
+    ];
+    let lo = fields.iter().map(|f| f.0).min().unwrap_or(0);
+    let hi = fields.iter().map(|f| f.0 + f.1).max().unwrap_or(0);
+    if hi - lo > MAX_TASK_SPAN {
+        return Err(TaskError::Range(format!(
+            "task_struct fields span {} bytes",
+            hi - lo
+        )));
+    }
+    let mut span = vec![0u8; (hi - lo) as usize];
+    m.read_virt(addr.wrapping_add(lo), &mut span)
         .map_err(|detail| TaskError::Read {
-            what: what("comm"),
+            what: format!("task {addr:#x}"),
             detail,
         })?;
+    let at = |off: u64, n: usize| &span[(off - lo) as usize..(off - lo) as usize + n];
+    let u32_at = |off: u64| u32::from_le_bytes(at(off, 4).try_into().unwrap_or_default());
+    let u64_at = |off: u64| u64::from_le_bytes(at(off, 8).try_into().unwrap_or_default());
+    let comm = at(l.comm, 16);
     let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
     Ok(Task {
         addr,
-        pid: read_u32(m, addr.wrapping_add(l.pid), &what("pid"))? as i32,
-        tgid: read_u32(m, addr.wrapping_add(l.tgid), &what("tgid"))? as i32,
+        pid: u32_at(l.pid) as i32,
+        tgid: u32_at(l.tgid) as i32,
         comm: String::from_utf8_lossy(&comm[..len]).into_owned(),
-        state: read_u32(m, addr.wrapping_add(l.state), &what("__state"))?,
-        exit_state: read_u32(m, addr.wrapping_add(l.exit_state), &what("exit_state"))?,
-        flags: read_u32(m, addr.wrapping_add(l.flags), &what("flags"))?,
-        cpu: read_u32(m, addr.wrapping_add(l.cpu), &what("cpu"))?,
-        on_cpu: read_u32(m, addr.wrapping_add(l.on_cpu), &what("on_cpu"))? != 0,
+        state: u32_at(l.state),
+        exit_state: u32_at(l.exit_state),
+        flags: u32_at(l.flags),
+        cpu: u32_at(l.cpu),
+        on_cpu: u32_at(l.on_cpu) != 0,
         current_on,
-        stack: read_u64(m, addr.wrapping_add(l.stack), &what("stack"))?,
-        saved_sp: read_u64(m, addr.wrapping_add(l.thread_sp), &what("thread.sp"))?,
-        mm: read_u64(m, addr.wrapping_add(l.mm), &what("mm"))?,
+        stack: u64_at(l.stack),
+        saved_sp: u64_at(l.thread_sp),
+        mm: u64_at(l.mm),
     })
 }
 

@@ -9,10 +9,8 @@
 pub struct TaskStack {
     pub pid: i32,
     pub comm: String,
-    /// Return addresses of the unwound trace, innermost first (symbolized in `symbols`).
+    /// Return addresses of the unwound trace, innermost first.
     pub frames: Vec<u64>,
-    /// `frame -> "function+0xoff"` for reports.
-    pub symbols: Vec<String>,
     /// Whether the unwinder reached the end of the stack cleanly.
     pub reliable: bool,
     /// Every 8-byte word of the stack, for the conservative scan.
@@ -75,11 +73,13 @@ fn hit(ranges: &[(u64, u64, String)], addr: u64) -> Option<&str> {
 
 /// Checks a paused guest against the code ranges a transition changes.
 /// Return addresses are checked as `addr - 1` so a call that is the last instruction of
-/// a function still counts for that function.
+/// a function still counts for that function. Only a blocking task's trace is
+/// symbolized (`symbolize`: `function+0xoff/0xsize`), for its report.
 pub fn check(
     busy: &[(u64, u64, String)],
     vcpu_rips: &[u64],
     tasks: &[TaskStack],
+    symbolize: &mut dyn FnMut(u64) -> String,
 ) -> Result<(), Vec<Blocker>> {
     let mut blockers = Vec::new();
     for (cpu, &rip) in vcpu_rips.iter().enumerate() {
@@ -102,7 +102,7 @@ pub fn check(
                 comm: t.comm.clone(),
                 function: function.to_string(),
                 reliable: t.reliable,
-                trace: t.symbols.clone(),
+                trace: t.frames.iter().map(|&a| symbolize(a)).collect(),
             });
         }
     }
@@ -117,6 +117,10 @@ pub fn check(
 mod tests {
     use super::*;
 
+    fn hex(a: u64) -> String {
+        format!("{a:#x}")
+    }
+
     fn busy() -> Vec<(u64, u64, String)> {
         vec![(0x1000, 0x1100, "pipe_read".into())]
     }
@@ -125,7 +129,6 @@ mod tests {
         TaskStack {
             pid,
             comm: format!("t{pid}"),
-            symbols: frames.iter().map(|f| format!("{f:#x}")).collect(),
             frames,
             reliable,
             words,
@@ -136,7 +139,7 @@ mod tests {
     fn clear_guest_passes() {
         let tasks = vec![task(1, vec![0x2000, 0x3000], true, vec![0x1050])];
         // A reliable trace is trusted: a stale word inside the range does not block.
-        assert_eq!(check(&busy(), &[0x5000, 0x6000], &tasks), Ok(()));
+        assert_eq!(check(&busy(), &[0x5000, 0x6000], &tasks, &mut hex), Ok(()));
     }
 
     #[test]
@@ -147,7 +150,7 @@ mod tests {
             task(9, vec![0x1100], true, vec![]), // returns into 0x10ff: inside
             task(10, vec![0x1000], true, vec![]), // returns to 0xfff: just before
         ];
-        let err = check(&busy(), &[0x10ff, 0x1100], &tasks).unwrap_err();
+        let err = check(&busy(), &[0x10ff, 0x1100], &tasks, &mut hex).unwrap_err();
         let text: Vec<String> = err.iter().map(|b| b.to_string()).collect();
         assert_eq!(err.len(), 4, "{text:?}");
         assert!(text[0].contains("vCPU 0 is executing pipe_read"));

@@ -42,6 +42,11 @@ pub trait PatchTarget {
     fn vcpu_rips(&mut self) -> Result<Vec<u64>, String>;
     /// Kernel stacks of every task (paused).
     fn task_stacks(&mut self) -> Result<Vec<TaskStack>, String>;
+    /// `function+0xoff/0xsize` for a code address, for reports (paused; called only
+    /// for the frames of tasks that block a transition).
+    fn symbolize(&mut self, addr: u64) -> String {
+        format!("{addr:#x}")
+    }
     /// Reads guest kernel memory.
     fn read_kernel(&self, addr: u64, buf: &mut [u8]) -> Result<(), String>;
     /// Writes guest kernel text (the VMM unprotects, writes and re-protects).

@@ -325,7 +325,10 @@ impl InFlight {
                 let rips = target.vcpu_rips().map_err(TransitionError::Target)?;
                 let tasks = target.task_stacks().map_err(TransitionError::Target)?;
                 checked = tasks.len();
-                if let Err(blockers) = consistency::check(&t.busy_ranges, &rips, &tasks) {
+                let mut symbolize = |a: u64| target.symbolize(a);
+                if let Err(blockers) =
+                    consistency::check(&t.busy_ranges, &rips, &tasks, &mut symbolize)
+                {
                     return Ok(Err(blockers));
                 }
             }
@@ -811,6 +814,14 @@ mod tests {
             assert!(self.paused);
             Ok(vec![KTEXT + 0x9000, KTEXT + 0x9100])
         }
+        fn symbolize(&mut self, addr: u64) -> String {
+            assert!(self.paused);
+            if addr == self.blocked_frame.get() {
+                "cmdline_proc_show+0x20".into()
+            } else {
+                format!("{addr:#x}")
+            }
+        }
         fn task_stacks(&mut self) -> Result<Vec<TaskStack>, String> {
             assert!(self.paused);
             let inside = self.blocked_attempts.get() > 0;
@@ -826,11 +837,6 @@ mod tests {
                 pid: 42,
                 comm: "cat".into(),
                 frames: vec![frame],
-                symbols: vec![if inside {
-                    "cmdline_proc_show+0x20".into()
-                } else {
-                    "other".into()
-                }],
                 reliable: true,
                 words: vec![],
             }])

@@ -76,6 +76,10 @@ fn benches(c: &mut Criterion) {
     g.bench_function("enumerate_tasks_and_unwind_all", |b| {
         b.iter(|| gk.task_traces(&mem, &regs).unwrap())
     });
+    // What a live patch's stop-the-world check does: addresses only.
+    g.bench_function("enumerate_tasks_and_unwind_all_unsymbolized", |b| {
+        b.iter(|| gk.task_traces_with(&mem, &regs, false).unwrap())
+    });
     g.finish();
 }
 

@@ -90,6 +90,9 @@ pub struct SymbolTable {
     same_hash: Vec<u32>,
     /// Indices of non-per-cpu symbols sorted by address.
     by_addr: Vec<u32>,
+    /// Their addresses, in the same order: the address lookup's binary search reads
+    /// this contiguous array instead of chasing indices into `symbols`.
+    sorted_addrs: Vec<u64>,
 }
 
 /// End of a `same_hash` chain.
@@ -286,12 +289,14 @@ impl SymbolTable {
             }
             symbols[i].size = next_higher.map_or(0, |b| b - a);
         }
+        let sorted_addrs = by_addr.iter().map(|&i| symbols[i as usize].addr).collect();
         SymbolTable {
             symbols,
             hasher,
             by_name,
             same_hash,
             by_addr,
+            sorted_addrs,
         }
     }
 
@@ -341,9 +346,7 @@ impl SymbolTable {
 
     /// The symbol containing `addr` and the offset into it (nearest symbol at or below).
     pub fn symbolize(&self, addr: u64) -> Option<(&Symbol, u64)> {
-        let i = self
-            .by_addr
-            .partition_point(|&j| self.symbols[j as usize].addr <= addr);
+        let i = self.sorted_addrs.partition_point(|&a| a <= addr);
         let s = &self.symbols[*self.by_addr.get(i.checked_sub(1)?)? as usize];
         Some((s, addr - s.addr))
     }

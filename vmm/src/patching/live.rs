@@ -183,33 +183,37 @@ impl PatchTarget for LiveTarget<'_> {
     fn task_stacks(&mut self) -> Result<Vec<TaskStack>, String> {
         // Called inside the transition's pause: the vCPUs are stopped.
         let regs = self.paused_regs()?.to_vec();
+        // Unsymbolized: the check looks at addresses; a blocker's frames are
+        // symbolized afterwards (`symbolize`).
         let traces = self
             .guest
-            .task_traces(&LiveMemory(self.vm.vm.memory()), &regs)
+            .task_traces_with(&LiveMemory(self.vm.vm.memory()), &regs, false)
             .map_err(|e| e.to_string())?;
         Ok(traces
             .into_iter()
             .map(|t| {
                 // User-mode frames (the pt_regs at the bottom) are not kernel code.
-                let (frames, symbols) = t
+                let frames = t
                     .trace
                     .trace
                     .frames
                     .iter()
-                    .zip(t.trace.symbols)
-                    .filter(|(f, _)| f.kind != FrameKind::UserRegs)
-                    .map(|(f, s)| (f.ip, s))
-                    .unzip();
+                    .filter(|f| f.kind != FrameKind::UserRegs)
+                    .map(|f| f.ip)
+                    .collect();
                 TaskStack {
                     pid: t.task.pid,
                     comm: t.task.comm,
                     frames,
-                    symbols,
                     reliable: t.trace.trace.reliable,
                     words: t.trace.words,
                 }
             })
             .collect())
+    }
+
+    fn symbolize(&mut self, addr: u64) -> String {
+        self.guest.symbolize(&LiveMemory(self.vm.vm.memory()), addr)
     }
 
     fn read_kernel(&self, addr: u64, buf: &mut [u8]) -> Result<(), String> {
