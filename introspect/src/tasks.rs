@@ -15,9 +15,11 @@ pub const MAX_TASKS: usize = 1 << 20;
 pub const MAX_CPUS: u32 = 8192;
 /// `THREAD_SIZE` on x86-64 without KASAN.
 pub const THREAD_SIZE: u64 = 16 << 10;
-/// Widest span of `task_struct` the fields read here may cover (6.1's whole struct is
-/// about 9.5 KiB; BTF comes from the guest).
+/// Widest run of `task_struct` read at once (6.1's whole struct is about 9.5 KiB; BTF
+/// comes from the guest).
 const MAX_TASK_SPAN: u64 = 32 << 10;
+/// Fields closer than this are read together.
+const CLUSTER_GAP: u64 = 256;
 
 /// `PF_IDLE` and `PF_KTHREAD` in `task_struct.flags`.
 pub const PF_IDLE: u32 = 0x2;
@@ -211,10 +213,11 @@ fn read_task(
     addr: u64,
     current_on: Option<u32>,
 ) -> Result<Task, TaskError> {
-    // The fields lie within a few KiB of each other: one read of the span they cover
-    // (one or two page translations) instead of one per field.
-    let fields = [
-        (l.comm, 16),
+    // The fields sit in a few clusters (most near the start of task_struct, the saved
+    // stack pointer near its end): one read per cluster, not one per field and not
+    // the ~10 KiB between them.
+    let mut fields = [
+        (l.comm, 16u64),
         (l.pid, 4),
         (l.tgid, 4),
         (l.state, 4),
@@ -226,21 +229,40 @@ fn read_task(
         (l.thread_sp, 8),
         (l.mm, 8),
     ];
-    let lo = fields.iter().map(|f| f.0).min().unwrap_or(0);
-    let hi = fields.iter().map(|f| f.0 + f.1).max().unwrap_or(0);
-    if hi - lo > MAX_TASK_SPAN {
-        return Err(TaskError::Range(format!(
-            "task_struct fields span {} bytes",
-            hi - lo
-        )));
+    fields.sort_unstable();
+    let mut clusters: Vec<(u64, u64)> = Vec::with_capacity(fields.len());
+    for &(off, len) in &fields {
+        let end = off.saturating_add(len);
+        match clusters.last_mut() {
+            Some((_, e)) if off <= e.saturating_add(CLUSTER_GAP) => *e = (*e).max(end),
+            _ => clusters.push((off, end)),
+        }
     }
-    let mut span = vec![0u8; (hi - lo) as usize];
-    m.read_virt(addr.wrapping_add(lo), &mut span)
-        .map_err(|detail| TaskError::Read {
-            what: format!("task {addr:#x}"),
-            detail,
-        })?;
-    let at = |off: u64, n: usize| &span[(off - lo) as usize..(off - lo) as usize + n];
+    let mut bytes: Vec<(u64, Vec<u8>)> = Vec::with_capacity(clusters.len());
+    for (start, end) in clusters {
+        if end - start > MAX_TASK_SPAN {
+            return Err(TaskError::Range(format!(
+                "task_struct fields span {} bytes",
+                end - start
+            )));
+        }
+        let mut b = vec![0u8; (end - start) as usize];
+        m.read_virt(addr.wrapping_add(start), &mut b)
+            .map_err(|detail| TaskError::Read {
+                what: format!("task {addr:#x}"),
+                detail,
+            })?;
+        bytes.push((start, b));
+    }
+    // Every field lies inside the cluster made for it.
+    let at = |off: u64, n: usize| -> &[u8] {
+        bytes
+            .iter()
+            .find(|(start, b)| *start <= off && off - start + n as u64 <= b.len() as u64)
+            .map_or(&[][..], |(start, b)| {
+                &b[(off - start) as usize..(off - start) as usize + n]
+            })
+    };
     let u32_at = |off: u64| u32::from_le_bytes(at(off, 4).try_into().unwrap_or_default());
     let u64_at = |off: u64| u64::from_le_bytes(at(off, 8).try_into().unwrap_or_default());
     let comm = at(l.comm, 16);

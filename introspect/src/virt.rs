@@ -2,7 +2,7 @@
 //! unwinding use, implemented over the page walker for real guests and over a sparse map
 //! for tests.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use crate::paging::VirtMemory;
 
@@ -36,8 +36,12 @@ impl KernelMemory for VirtMemory<'_> {
 
 /// The entries of a circular `list_head` list: the address of each containing object
 /// (`member` is the list_head's offset in it), in list order. At most `max` entries; a
-/// node seen twice before the head comes back is an error, so a hostile or torn list
-/// cannot loop. Errors are plain messages for the caller's error type.
+/// list that loops without coming back to the head is an error, so a hostile or torn
+/// list cannot loop. Errors are plain messages for the caller's error type.
+///
+/// The loop is found with Brent's algorithm (a saved node, re-saved at each power of two
+/// steps): constant memory and no hashing, and it stops within about twice the length of
+/// the list's tail and loop.
 pub fn walk_list(
     m: &dyn KernelMemory,
     head: u64,
@@ -45,18 +49,24 @@ pub fn walk_list(
     max: usize,
 ) -> Result<Vec<u64>, String> {
     let mut out = Vec::new();
-    let mut seen = HashSet::new();
     let mut cur = m
         .read_u64(head)
         .map_err(|e| format!("list head at {head:#x}: {e}"))?;
+    let (mut saved, mut power, mut steps) = (head, 1usize, 0usize);
     while cur != head {
         if out.len() >= max {
             return Err(format!("more than {max} entries"));
         }
-        if !seen.insert(cur) {
+        if cur == saved {
             return Err(format!(
                 "{cur:#x} is linked twice without reaching the head"
             ));
+        }
+        steps += 1;
+        if steps == power {
+            saved = cur;
+            power = power.saturating_mul(2);
+            steps = 0;
         }
         out.push(cur.wrapping_sub(member));
         cur = m
@@ -113,5 +123,45 @@ impl KernelMemory for SparseMemory {
             *b = page[(a & 0xfff) as usize];
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEAD: u64 = 0xffff_8880_0000_0000;
+
+    /// Links HEAD → nodes[0] → … → nodes[n-1] → `last_to`.
+    fn chain(nodes: &[u64], last_to: u64) -> SparseMemory {
+        let mut m = SparseMemory::new();
+        let mut prev = HEAD;
+        for &n in nodes {
+            m.write_u64(prev, n);
+            prev = n;
+        }
+        m.write_u64(prev, last_to);
+        m
+    }
+
+    #[test]
+    fn walks_a_list_and_finds_loops_that_miss_the_head() {
+        let nodes: Vec<u64> = (1..=50).map(|i| HEAD + i * 0x100).collect();
+        let m = chain(&nodes, HEAD);
+        let got = walk_list(&m, HEAD, 0x10, 100).unwrap();
+        assert_eq!(got, nodes.iter().map(|n| n - 0x10).collect::<Vec<_>>());
+        assert!(walk_list(&m, HEAD, 0, 49)
+            .unwrap_err()
+            .contains("more than 49"));
+        // A tail of 30 nodes into a loop of 20 (back to node 30), and a node that links
+        // to itself: both found long before `max`.
+        for (back_to, what) in [(nodes[30], "loop"), (nodes[49], "self")] {
+            let m = chain(&nodes, back_to);
+            let err = walk_list(&m, HEAD, 0, 1_000_000).unwrap_err();
+            assert!(err.contains("linked twice"), "{what}: {err}");
+        }
+        // An empty list and an unreadable head.
+        assert_eq!(walk_list(&chain(&[], HEAD), HEAD, 0, 10).unwrap(), []);
+        assert!(walk_list(&SparseMemory::new(), HEAD, 0, 10).is_err());
     }
 }
