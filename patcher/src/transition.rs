@@ -261,17 +261,6 @@ impl InFlight {
         matches!(self.work, Work::Apply(_))
     }
 
-    /// Kernel addresses where this transition may write a new redirection: an apply's
-    /// old function entries. (A disable, or the reverts of a replace, write only at
-    /// sites that already hold a redirection.) The VMM write-protects their pages before
-    /// the pause, so that the pause itself changes no memory slot.
-    pub fn new_sites(&self) -> Vec<u64> {
-        match &self.work {
-            Work::Apply(p) => p.resolved.iter().map(|r| r.site).collect(),
-            Work::Disable => Vec::new(),
-        }
-    }
-
     /// Attempts made so far.
     pub fn attempts(&self) -> u32 {
         self.attempt

@@ -5,7 +5,7 @@
 //! those pages — the kernel's own `text_poke` of a neighbouring static key, say — is
 //! carried out, so the guest keeps working.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -15,19 +15,11 @@ use super::bus::BusDevice;
 /// Page size of the protection.
 pub const PAGE: u64 = 4096;
 
-/// The 4 KiB pages `[a, a + len)` touches.
-fn pages_of(a: u64, len: u64) -> impl Iterator<Item = u64> {
-    let end = a.saturating_add(len);
-    (a & !(PAGE - 1)..end).step_by(PAGE as usize)
-}
-
 /// The protected sites and what guest writes did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct GuardState {
     /// Guest-physical start → length of each protected site.
     sites: BTreeMap<u64, u64>,
-    /// Pages write-protected ahead of a transition that may put sites on them.
-    prepared: BTreeSet<u64>,
     /// Guest writes dropped because they touched a site.
     pub dropped: u64,
     /// Guest writes to a protected page outside any site, carried out.
@@ -43,27 +35,19 @@ impl GuardState {
         self.sites.remove(&gpa);
     }
 
-    /// Write-protects the pages of `[gpa, gpa + len)` sites-to-be, until
-    /// [`GuardState::clear_prepared`]: writes to them that touch no site pass through.
-    pub fn prepare(&mut self, sites: &[(u64, u64)]) {
-        for &(a, l) in sites {
-            self.prepared.extend(pages_of(a, l));
-        }
-    }
-
-    pub fn clear_prepared(&mut self) {
-        self.prepared.clear();
-    }
-
     pub fn sites(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.sites.iter().map(|(&a, &l)| (a, l))
     }
 
-    /// Every page a site touches, and the prepared pages.
-    pub fn pages(&self) -> BTreeSet<u64> {
-        let mut pages = self.prepared.clone();
+    /// Every page a site touches.
+    pub fn pages(&self) -> std::collections::BTreeSet<u64> {
+        let mut pages = std::collections::BTreeSet::new();
         for (&a, &l) in &self.sites {
-            pages.extend(pages_of(a, l));
+            let mut p = a & !(PAGE - 1);
+            while p < a.saturating_add(l) {
+                pages.insert(p);
+                p += PAGE;
+            }
         }
         pages
     }
@@ -162,18 +146,6 @@ mod tests {
         assert!(!st.touches_site(0x3005, 1));
         assert!(!st.touches_site(0x2fff, 1));
         st.unprotect(0x1ffe);
-        assert_eq!(st.pages().into_iter().collect::<Vec<_>>(), [0x3000]);
-        // Pages prepared ahead of a transition count until cleared.
-        st.prepare(&[(0x5ffe, 5), (0x3001, 5)]);
-        assert_eq!(
-            st.pages().into_iter().collect::<Vec<_>>(),
-            [0x3000, 0x5000, 0x6000]
-        );
-        assert!(
-            !st.touches_site(0x5ffe, 1),
-            "a prepared page holds no site yet"
-        );
-        st.clear_prepared();
         assert_eq!(st.pages().into_iter().collect::<Vec<_>>(), [0x3000]);
     }
 }

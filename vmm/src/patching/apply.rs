@@ -213,7 +213,6 @@ impl RunningVm {
             ("enabled", "unpatching")
         };
         self.with_target(|t, l| pending.flight.reverse(t, l));
-        self.sync_text_guard(false);
         let _ = pending.reply.send(ApiResponse::error(
             409,
             format!(
@@ -221,47 +220,6 @@ impl RunningVm {
                  attempts); the {now} transition was reversed and nothing was written"
             ),
         ));
-    }
-
-    /// Write-protects the pages of the redirection sites a transition may write (kernel
-    /// addresses), with the guest running: registering read-only memory slots costs
-    /// KVM hundreds of microseconds, which then stay out of the transition's pause.
-    /// Guest writes to those pages that touch no site are carried out by the text guard.
-    fn protect_ahead(&mut self, sites: &[u64]) {
-        let Some(gk) = self.kernel.as_ref() else {
-            return;
-        };
-        let sites: Vec<(u64, u64)> = sites
-            .iter()
-            .filter(|&&va| (0xffff_ffff_8000_0000..0xffff_ffff_c000_0000).contains(&va))
-            .map(|&va| (gk.kernel.image.pa(va), 5))
-            .collect();
-        if sites.is_empty() {
-            return;
-        }
-        self.text_guard
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .prepare(&sites);
-        self.sync_text_guard(true);
-    }
-
-    /// Registers exactly the text guard's pages as read-only, with the guest running.
-    /// Without `keep_prepared` (a transition ended), pages prepared for it or left
-    /// without a site are released.
-    fn sync_text_guard(&mut self, keep_prepared: bool) {
-        let pages = {
-            let mut g = self.text_guard.lock().unwrap_or_else(|e| e.into_inner());
-            if !keep_prepared {
-                g.clear_prepared();
-            }
-            g.pages()
-        };
-        if pages != self.vm.read_only_pages() {
-            if let Err(e) = self.vm.set_read_only(&pages) {
-                tracing::warn!("text guard: cannot update the read-only pages: {e}");
-            }
-        }
     }
 
     /// Makes the next attempt of the transition in flight if it is due (and the VM is not
@@ -275,11 +233,7 @@ impl RunningVm {
             return;
         }
         let mut pending = self.patch_in_flight.take().expect("checked above");
-        self.protect_ahead(&pending.flight.new_sites());
         let result = self.with_target(|t, l| pending.flight.attempt(t, l));
-        if !matches!(result, Ok(Progress::RetryIn(_))) {
-            self.sync_text_guard(false);
-        }
         let answer = match result {
             Ok(Progress::RetryIn(wait)) => {
                 tracing::info!(

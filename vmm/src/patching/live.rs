@@ -159,25 +159,17 @@ impl PatchTarget for LiveTarget<'_> {
         self.regs = None;
         let mut guarded = Ok(());
         if std::mem::take(&mut self.guard_changed) {
-            // New sites' pages were write-protected before the pause (prepared); only a
-            // page that was not must be protected now, before the guest runs. Pages that
-            // no longer hold a site are released after the transition, with the guest
-            // running (`RunningVm::sync_text_guard`).
-            let wanted = self
+            let pages = self
                 .vm
                 .text_guard
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .pages();
-            let registered = self.vm.vm.read_only_pages();
-            if !wanted.is_subset(&registered) {
-                let pages = wanted.union(&registered).copied().collect();
-                guarded = self
-                    .vm
-                    .vm
-                    .set_read_only(&pages)
-                    .map_err(|e| format!("cannot write-protect the patched sites: {e}"));
-            }
+            guarded = self
+                .vm
+                .vm
+                .set_read_only(&pages)
+                .map_err(|e| format!("cannot write-protect the patched sites: {e}"));
         }
         // The vCPUs run again whatever happened to the protection.
         pause::resume_all(&self.vm.vcpus).map_err(|e| e.to_string())?;

@@ -61,8 +61,6 @@ struct SlotTable {
     regions: Vec<Vec<Slot>>,
     free: Vec<u32>,
     next: u32,
-    /// The read-only pages last registered.
-    read_only: BTreeSet<u64>,
 }
 
 impl SlotTable {
@@ -211,14 +209,7 @@ impl Vm {
             }
             table.regions[i].sort_by_key(|s| s.gpa);
         }
-        table.read_only = pages.clone();
         Ok(())
-    }
-
-    /// The read-only pages registered now.
-    pub fn read_only_pages(&self) -> BTreeSet<u64> {
-        let table = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        table.read_only.clone()
     }
 
     /// The registered slots, `(id, gpa, size, read-only)` per RAM region.
