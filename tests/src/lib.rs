@@ -511,6 +511,16 @@ pub fn put_patch(socket: &Path, bundle: &str, extra: &str) -> (u16, String) {
     )
 }
 
+/// `PUT /patches/disable` for bundle `name`: (HTTP status, body).
+pub fn disable_patch(socket: &Path, name: &str) -> (u16, String) {
+    api(
+        socket,
+        "PUT",
+        "/patches/disable",
+        &format!(r#"{{"name":"{name}"}}"#),
+    )
+}
+
 /// SHA-256 of the guest kernel's text and of the patch area (`GET /kernel/digest`, read
 /// with the vCPUs paused): what a refused patch request must leave unchanged.
 pub fn kernel_digest(socket: &Path) -> serde_json::Value {

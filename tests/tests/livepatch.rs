@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use integration_tests::{
-    api, build_sample_bundle, json, put_patch, restore_fixture, vmm_binary, wait_for_socket, Guest,
+    api, build_sample_bundle, disable_patch, json, put_patch, restore_fixture, vmm_binary,
+    wait_for_socket, Guest,
 };
 use serde_json::Value;
 
@@ -73,12 +74,7 @@ fn patch_a_sysrq_handler_and_revert_it() {
     assert!(body.contains("already applied"), "{body}");
 
     // Disable: the original handler runs again.
-    let (status, body) = api(
-        &s,
-        "PUT",
-        "/patches/disable",
-        r#"{"name":"sysrq-showmem-demo"}"#,
-    );
+    let (status, body) = disable_patch(&s, "sysrq-showmem-demo");
     assert_eq!(status, 200, "{body}");
     let guard = &json(&api(&s, "GET", "/vm", "").1)["text_guard"];
     assert_eq!(guard["protected_sites"], 0, "{guard}");
@@ -124,12 +120,7 @@ fn patch_a_sysrq_handler_and_revert_it() {
         ]
     );
     // Disabling what is not applied is refused.
-    let (status, _) = api(
-        &s,
-        "PUT",
-        "/patches/disable",
-        r#"{"name":"sysrq-showmem-demo"}"#,
-    );
+    let (status, _) = disable_patch(&s, "sysrq-showmem-demo");
     assert_eq!(status, 422);
     // Applied again, it reuses the memory it had: the patch area does not leak.
     let (status, body) = put_patch(&s, &bundle, "");
@@ -206,12 +197,7 @@ fn a_snapshot_of_a_patched_guest_restores_its_patches() {
     assert!(body.contains("already applied"), "{body}");
     again.sysrq('m');
     again.wait_for("this has been live patched (sysrq m)", T);
-    let (status, body) = api(
-        &s2,
-        "PUT",
-        "/patches/disable",
-        r#"{"name":"sysrq-showmem-demo"}"#,
-    );
+    let (status, body) = disable_patch(&s2, "sysrq-showmem-demo");
     assert_eq!(status, 200, "{body}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -349,12 +335,7 @@ fn a_blocked_transition_can_be_reversed_while_the_guest_and_api_carry_on() {
         "{body}"
     );
     std::thread::sleep(Duration::from_millis(1500));
-    let (status, body) = api(
-        &s,
-        "PUT",
-        "/patches/disable",
-        r#"{"name":"busy-kthreadd-demo"}"#,
-    );
+    let (status, body) = disable_patch(&s, "busy-kthreadd-demo");
     assert_eq!(status, 200, "{body}");
     assert_eq!(json(&body)["reversed"], true, "{body}");
     let out = cli.wait_with_output().unwrap();

@@ -9,7 +9,8 @@
 use std::path::PathBuf;
 
 use integration_tests::{
-    api, build_sample_bundle, json, kernel_digest, put_patch, repack_bundle, restore_fixture,
+    api, build_sample_bundle, disable_patch, json, kernel_digest, put_patch, repack_bundle,
+    restore_fixture,
 };
 use serde_json::Value;
 
@@ -105,12 +106,7 @@ fn bad_bundles_are_refused_and_leave_kernel_text_and_patch_area_unchanged() {
     }
 
     // Disabling a bundle that is not applied changes nothing either.
-    let (status, body) = api(
-        &s,
-        "PUT",
-        "/patches/disable",
-        r#"{"name":"sysrq-showmem-demo"}"#,
-    );
+    let (status, body) = disable_patch(&s, "sysrq-showmem-demo");
     assert!((400..500).contains(&status), "HTTP {status} {body}");
     assert!(body.contains("not applied"), "{body}");
     assert_eq!(guest_state(&s), before);
@@ -128,12 +124,7 @@ fn bad_bundles_are_refused_and_leave_kernel_text_and_patch_area_unchanged() {
     assert_eq!(guest_state(&s), applied);
 
     // Disabled, the kernel text is byte-for-byte what it was.
-    let (status, body) = api(
-        &s,
-        "PUT",
-        "/patches/disable",
-        r#"{"name":"sysrq-showmem-demo"}"#,
-    );
+    let (status, body) = disable_patch(&s, "sysrq-showmem-demo");
     assert_eq!(status, 200, "{body}");
     let after = guest_state(&s);
     assert_eq!(after.0["kernel_text"], before.0["kernel_text"]);

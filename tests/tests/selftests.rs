@@ -8,7 +8,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use integration_tests::{api, build_sample_bundle, json, put_patch, restore_fixture, Guest};
+use integration_tests::{
+    api, build_sample_bundle, disable_patch, json, put_patch, restore_fixture, Guest,
+};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(300);
@@ -72,12 +74,7 @@ fn put(s: &Path, bundle: &str) {
 }
 
 fn disable(s: &Path, name: &str) {
-    let (status, body) = api(
-        s,
-        "PUT",
-        "/patches/disable",
-        &format!(r#"{{"name":"{name}"}}"#),
-    );
+    let (status, body) = disable_patch(s, name);
     assert_eq!(status, 200, "{body}");
 }
 

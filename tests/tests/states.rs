@@ -1,5 +1,6 @@
 //! System states with host-side actions on a running guest: the kernel's test-state.sh
-//! scenarios ST-1 (set up, release), ST-2 (a cumulative v2 takes the change over) and ST-4
+//! scenarios ST-1 (set up, release), ST-2 (a cumulative v2 takes the change over), ST-3
+//! (equal state versions are compatible, both ways) and ST-4
 //! (an incompatible cumulative bundle is refused), translated. The kernel's test modules
 //! change `console_loglevel` in their callbacks; here the bundles' state actions write it
 //! (`console_printk[0]`) from the host, inside the transition's pause. The guest shows the
@@ -9,8 +10,8 @@
 use std::time::Duration;
 
 use integration_tests::{
-    api, build_sample_bundle, json, kernel_digest, put_patch, restore_fixture, run_vmm, vmm_ok,
-    Guest,
+    api, build_sample_bundle, disable_patch, json, kernel_digest, put_patch, restore_fixture,
+    run_vmm, vmm_ok, Guest,
 };
 
 const T: Duration = Duration::from_secs(300);
@@ -150,12 +151,7 @@ fn state_actions_change_the_guest_and_are_taken_over_and_restored() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 
     // Disabling v2 restores the value saved by v1 and releases the state.
-    let (status, body) = api(
-        &s,
-        "PUT",
-        "/patches/disable",
-        r#"{"name":"loglevel-state2"}"#,
-    );
+    let (status, body) = disable_patch(&s, "loglevel-state2");
     assert_eq!(status, 200, "{body}");
     assert_eq!(loglevel(&s), original);
     assert_eq!(
@@ -197,5 +193,91 @@ fn state_actions_change_the_guest_and_are_taken_over_and_restored() {
             .lines()
             .any(|l| l.ends_with(" UTC  loglevel-state2: unpatching complete")),
         "{printed}"
+    );
+}
+
+/// ST-3, "compatible cumulative livepatches": state2 (state version 2) → state3 (the same
+/// state version, accepted, takes the change over) → state2 again (a lower patch version,
+/// so only with --allow-downgrade; the equal state version is accepted and takes over
+/// back) → disable: the value saved by the first bundle comes back.
+#[test]
+fn equal_state_versions_are_compatible_both_ways() {
+    let v2 = build("manifest-v2.json");
+    let v3 = build("manifest-v3.json");
+    let guest = restore_fixture("states-st3");
+    let s = guest.api_socket.clone();
+    let original = loglevel(&s);
+    let holder = |s: &std::path::Path| {
+        let list = json(&api(s, "GET", "/patches", "").1);
+        let st = &list["states"][0];
+        assert_eq!(st["version"], 2, "{list}");
+        assert_eq!(
+            st["saved"][0]["original"],
+            serde_json::json!(original.to_le_bytes()),
+            "the first bundle's saved value is kept: {list}"
+        );
+        (
+            st["holders"][0].as_str().unwrap().to_string(),
+            st["taken_over_from"].as_str().map(str::to_string),
+        )
+    };
+
+    let (status, body) = put_patch(&s, &v2, "");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(loglevel(&s), 2);
+    assert_eq!(holder(&s), ("loglevel-state2".into(), None));
+
+    let (status, body) = put_patch(&s, &v3, "");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(loglevel(&s), 3);
+    assert_eq!(
+        holder(&s),
+        ("loglevel-state3".into(), Some("loglevel-state2".into()))
+    );
+    assert!(transcript(&s, "loglevel-state3").contains(
+        &"pre-patch: state 1: taking over from loglevel-state2 (version 2 to 2); saved values kept"
+            .to_string()
+    ));
+
+    // Back to state2: a patch-version downgrade (refused without the flag, nothing
+    // changed), then accepted with it; the equal state version takes over again.
+    let before = (loglevel(&s), holder(&s), kernel_digest(&s));
+    let (status, body) = put_patch(&s, &v2, "");
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(before, (loglevel(&s), holder(&s), kernel_digest(&s)));
+    let (status, body) = put_patch(&s, &v2, r#","allow_downgrade":true"#);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(loglevel(&s), 2);
+    assert_eq!(
+        holder(&s),
+        ("loglevel-state2".into(), Some("loglevel-state3".into()))
+    );
+    // The ledger keeps the replaced bundle, marked as replaced by the one now enabled.
+    let list = json(&api(&s, "GET", "/patches", "").1);
+    let status_of = |name: &str| {
+        list["bundles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name)
+            .map(|b| b["status"].clone())
+    };
+    assert_eq!(
+        status_of("loglevel-state2"),
+        Some("enabled".into()),
+        "{list}"
+    );
+    assert_eq!(
+        status_of("loglevel-state3"),
+        Some(serde_json::json!({"replaced": {"by": "loglevel-state2"}})),
+        "{list}"
+    );
+
+    let (status, body) = disable_patch(&s, "loglevel-state2");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(loglevel(&s), original);
+    assert_eq!(
+        json(&api(&s, "GET", "/patches", "").1)["states"],
+        serde_json::json!([])
     );
 }

@@ -97,6 +97,19 @@ fn tasks_and_stacks_match_the_kernels_own_sysrq_t() {
     let mut guest = restore_fixture("tasks");
     let s = guest.api_socket.clone();
 
+    // The module list, read live with the vCPUs paused (the kernel-only guest loads no
+    // module; the QEMU oracle compares a guest with modules against its /proc/modules).
+    let (status, body) = api(&s, "GET", "/kernel/modules", "");
+    assert_eq!(status, 200, "{body}");
+    let modules = serde_json::from_str::<Value>(&body).unwrap()["modules"].clone();
+    let (ok, out, err) = run_vmm(&["modules", "--api-socket", s.to_str().unwrap()], T);
+    assert!(ok.success(), "{err}");
+    assert_eq!(
+        out.lines().count(),
+        modules.as_array().expect("a module list").len(),
+        "{out}"
+    );
+
     let before = host_tasks(&s);
     guest.sysrq('t');
     // show_state() is followed by show_all_workqueues(): its header ends the task dump.

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use integration_tests::{
-    api, build_sample_bundle, json, kernel_digest, put_patch, restore_fixture, Guest,
+    api, build_sample_bundle, disable_patch, json, kernel_digest, put_patch, restore_fixture, Guest,
 };
 
 const T: Duration = Duration::from_secs(300);
@@ -83,12 +83,7 @@ fn versions_only_go_up_and_sticky_bundles_are_only_superseded() {
     let (status, body) = put(&sticky, "");
     assert_eq!(status, 200, "{body}");
     let digest = kernel_digest(&s);
-    let (status, body) = api(
-        &s,
-        "PUT",
-        "/patches/disable",
-        r#"{"name":"sysrq-showmem-sticky"}"#,
-    );
+    let (status, body) = disable_patch(&s, "sysrq-showmem-sticky");
     assert_eq!(status, 422, "{body}");
     assert!(body.contains("is sticky"), "{body}");
     assert_eq!(enabled(&s), ["sysrq-showmem-sticky"]);
@@ -100,12 +95,7 @@ fn versions_only_go_up_and_sticky_bundles_are_only_superseded() {
     let (status, body) = put(&v2, r#","allow_downgrade":true"#);
     assert_eq!(status, 200, "{body}");
     assert_eq!(enabled(&s), ["sysrq-showmem-cumulative"]);
-    let (status, body) = api(
-        &s,
-        "PUT",
-        "/patches/disable",
-        r#"{"name":"sysrq-showmem-cumulative"}"#,
-    );
+    let (status, body) = disable_patch(&s, "sysrq-showmem-cumulative");
     assert_eq!(status, 200, "{body}");
     assert!(enabled(&s).is_empty());
     assert!(!patched_handler_runs(&mut guest));

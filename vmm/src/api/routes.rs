@@ -261,6 +261,10 @@ mod tests {
         assert_eq!(route(&req("GET", "/vm/vcpus", "")), Ok(ApiRequest::Vcpus));
         assert_eq!(route(&req("GET", "/kernel", "")), Ok(ApiRequest::Kernel));
         assert_eq!(
+            route(&req("GET", "/kernel/modules", "")),
+            Ok(ApiRequest::KernelModules)
+        );
+        assert_eq!(
             route(&req("GET", "/tasks", "")),
             Ok(ApiRequest::Tasks { stacks: false })
         );
