@@ -311,7 +311,7 @@ pub struct StackRange {
 }
 
 impl StackRange {
-    fn contains(&self, addr: u64, len: u64) -> bool {
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
         addr >= self.start && addr.checked_add(len).is_some_and(|e| e <= self.end)
     }
 }

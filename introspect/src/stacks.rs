@@ -68,13 +68,57 @@ impl CodeMap for Unwinder<'_> {
     }
 }
 
-struct Reader<'a>(&'a dyn KernelMemory);
+/// Stack words for the unwinder: the live part of the stack being unwound is read once
+/// (`[sp, end)`, usually under a page) and served from that copy; any other word (another
+/// stack, a `pt_regs` elsewhere) is read from memory.
+struct Reader<'a> {
+    mem: &'a dyn KernelMemory,
+    base: u64,
+    words: Vec<u64>,
+}
+
+impl<'a> Reader<'a> {
+    /// Buffers `[from, range.end)` of `range` (8-byte aligned, at most the range). A range
+    /// that cannot be read in one piece (a guard page, a hole) is left to word reads.
+    fn new(mem: &'a dyn KernelMemory, range: Option<StackRange>, from: u64) -> Self {
+        let mut r = Reader {
+            mem,
+            base: 0,
+            words: Vec::new(),
+        };
+        let Some(range) = range else {
+            return r;
+        };
+        let start = from.max(range.start) & !7;
+        let len = range.end.saturating_sub(start).min(MAX_BUFFERED_STACK) & !7;
+        if len == 0 {
+            return r;
+        }
+        let mut bytes = vec![0u8; len as usize];
+        if mem.read_virt(start, &mut bytes).is_ok() {
+            r.base = start;
+            r.words = bytes
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+                .collect();
+        }
+        r
+    }
+}
 
 impl StackReader for Reader<'_> {
     fn read_u64(&self, va: u64) -> Option<u64> {
-        self.0.read_u64(va).ok()
+        if va >= self.base && va & 7 == 0 {
+            if let Some(&w) = self.words.get(((va - self.base) / 8) as usize) {
+                return Some(w);
+            }
+        }
+        self.mem.read_u64(va).ok()
     }
 }
+
+/// Most bytes of one stack buffered for an unwind (a task stack is 16 KiB).
+const MAX_BUFFERED_STACK: u64 = 16 << 10;
 
 /// A task's trace, symbolized.
 #[derive(Debug, Clone)]
@@ -221,16 +265,17 @@ impl Unwinder<'_> {
                         cs: u64::from(r.cs),
                     }),
                 };
-                self.run(&start, &stacks)
+                let on = stacks.iter().find(|r| r.contains(start.sp, 8)).copied();
+                self.run(&start, &stacks, &Reader::new(self.mem, on, start.sp))
             }
             (Some(cpu), None) => unreliable(format!("running on CPU {cpu} (no vCPU registers)")),
             (None, _) => {
-                let reader = Reader(self.mem);
+                let reader = Reader::new(self.mem, Some(task_stack), task.saved_sp);
                 match orc::start_from_inactive_frame(&reader, task.saved_sp, self.ret_from_fork) {
                     Some(start)
                         if task_stack.start <= task.saved_sp && task.saved_sp < task_stack.end =>
                     {
-                        let mut t = self.run(&start, &stacks);
+                        let mut t = self.run(&start, &stacks, &reader);
                         if task.on_cpu && t.reliable {
                             t.reliable = false;
                             t.problem = Some("in the middle of a context switch".into());
@@ -276,9 +321,8 @@ impl Unwinder<'_> {
         }
     }
 
-    fn run(&self, start: &UnwindStart, stacks: &[StackRange]) -> Trace {
-        let reader = Reader(self.mem);
-        orc::unwind(self, start, stacks, &reader, MAX_FRAMES)
+    fn run(&self, start: &UnwindStart, stacks: &[StackRange], reader: &Reader<'_>) -> Trace {
+        orc::unwind(self, start, stacks, reader, MAX_FRAMES)
     }
 
     /// `function+0xoff/0xsize`, as `/proc/PID/stack` prints it; in module text,
