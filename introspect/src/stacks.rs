@@ -74,7 +74,7 @@ impl CodeMap for Unwinder<'_> {
 struct Reader<'a> {
     mem: &'a dyn KernelMemory,
     base: u64,
-    words: Vec<u64>,
+    bytes: Vec<u8>,
 }
 
 impl<'a> Reader<'a> {
@@ -84,7 +84,7 @@ impl<'a> Reader<'a> {
         let mut r = Reader {
             mem,
             base: 0,
-            words: Vec::new(),
+            bytes: Vec::new(),
         };
         let Some(range) = range else {
             return r;
@@ -97,10 +97,7 @@ impl<'a> Reader<'a> {
         let mut bytes = vec![0u8; len as usize];
         if mem.read_virt(start, &mut bytes).is_ok() {
             r.base = start;
-            r.words = bytes
-                .chunks_exact(8)
-                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
-                .collect();
+            r.bytes = bytes;
         }
         r
     }
@@ -108,9 +105,10 @@ impl<'a> Reader<'a> {
 
 impl StackReader for Reader<'_> {
     fn read_u64(&self, va: u64) -> Option<u64> {
-        if va >= self.base && va & 7 == 0 {
-            if let Some(&w) = self.words.get(((va - self.base) / 8) as usize) {
-                return Some(w);
+        if va >= self.base {
+            let off = (va - self.base) as usize;
+            if let Some(w) = off.checked_add(8).and_then(|end| self.bytes.get(off..end)) {
+                return Some(u64::from_le_bytes(w.try_into().unwrap_or_default()));
             }
         }
         self.mem.read_u64(va).ok()

@@ -92,6 +92,10 @@ fn frames(t: &Value) -> Vec<String> {
         .collect()
 }
 
+fn json_of(body: &str) -> Value {
+    serde_json::from_str(body).unwrap()
+}
+
 #[test]
 fn tasks_and_stacks_match_the_kernels_own_sysrq_t() {
     let mut guest = restore_fixture("tasks");
@@ -109,6 +113,35 @@ fn tasks_and_stacks_match_the_kernels_own_sysrq_t() {
         modules.as_array().expect("a module list").len(),
         "{out}"
     );
+
+    // Symbols by name, live: names vmlinux has are answered without pausing the guest;
+    // the whole table (modules included) pauses it once for the module walk.
+    let pauses = || {
+        json_of(&api(&s, "GET", "/vm", "").1)["pauses"]
+            .as_u64()
+            .unwrap()
+    };
+    let before_pauses = pauses();
+    let (status, body) = api(&s, "GET", "/kernel/symbols?names=schedule;do_idle", "");
+    assert_eq!(status, 200, "{body}");
+    let lines = json_of(&body)["symbols"].clone();
+    assert!(
+        lines[0].as_str().unwrap().ends_with(" T schedule"),
+        "{lines}"
+    );
+    assert!(
+        lines[1].as_str().unwrap().ends_with(" t do_idle"),
+        "{lines}"
+    );
+    assert_eq!(
+        pauses(),
+        before_pauses,
+        "a vmlinux-only lookup paused the guest"
+    );
+    let (status, body) = api(&s, "GET", "/kernel/symbols", "");
+    assert_eq!(status, 200);
+    assert!(json_of(&body)["symbols"].as_array().unwrap().len() > 80_000);
+    assert_eq!(pauses(), before_pauses + 1);
 
     let before = host_tasks(&s);
     guest.sysrq('t');
