@@ -219,7 +219,7 @@ impl GuestKernel {
     /// A code address as a stack trace prints it: `function+0xoff/0xsize`, with
     /// ` [module]` in module text, or the bare address.
     pub fn symbolize(&self, mem: &dyn GuestPhysMemory, addr: u64) -> String {
-        let in_core = self.text.iter().any(|&(s, e)| s <= addr && addr < e);
+        let in_core = stacks::in_ranges(&self.text, addr);
         let v = self.virt(mem);
         stacks::symbolize(&self.kernel.symbols, in_core, &self.lazy_modules(&v), addr)
     }

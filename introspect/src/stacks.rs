@@ -150,6 +150,11 @@ pub fn symbolize(
     }
 }
 
+/// `addr` lies in one of the `[start, end)` ranges.
+pub fn in_ranges(ranges: &[(u64, u64)], addr: u64) -> bool {
+    ranges.iter().any(|&(s, e)| s <= addr && addr < e)
+}
+
 fn unreliable(problem: String) -> Trace {
     Trace {
         frames: Vec::new(),
@@ -174,7 +179,7 @@ impl Unwinder<'_> {
 
     /// `addr` is vmlinux text (core or init).
     pub fn is_core_text(&self, addr: u64) -> bool {
-        self.text.iter().any(|&(s, e)| s <= addr && addr < e)
+        in_ranges(self.text, addr)
     }
 
     /// The IRQ, exception and entry stacks of `cpu`.

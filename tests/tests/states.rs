@@ -47,6 +47,17 @@ fn show_memory_prints_report(guest: &mut Guest) -> bool {
     printed
 }
 
+/// Disables `name`: the value the state saved first comes back and no state is left.
+fn disable_and_check_released(s: &std::path::Path, name: &str, original: i32) {
+    let (status, body) = disable_patch(s, name);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(loglevel(s), original);
+    assert_eq!(
+        json(&api(s, "GET", "/patches", "").1)["states"],
+        serde_json::json!([])
+    );
+}
+
 fn transcript(s: &std::path::Path, bundle: &str) -> Vec<String> {
     json(&api(s, "GET", "/patches/events", "").1)["events"]
         .as_array()
@@ -151,13 +162,7 @@ fn state_actions_change_the_guest_and_are_taken_over_and_restored() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 
     // Disabling v2 restores the value saved by v1 and releases the state.
-    let (status, body) = disable_patch(&s, "loglevel-state2");
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(loglevel(&s), original);
-    assert_eq!(
-        json(&api(&s, "GET", "/patches", "").1)["states"],
-        serde_json::json!([])
-    );
+    disable_and_check_released(&s, "loglevel-state2", original);
     let tail: Vec<String> = transcript(&s, "loglevel-state2")
         .into_iter()
         .rev()
@@ -273,11 +278,5 @@ fn equal_state_versions_are_compatible_both_ways() {
         "{list}"
     );
 
-    let (status, body) = disable_patch(&s, "loglevel-state2");
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(loglevel(&s), original);
-    assert_eq!(
-        json(&api(&s, "GET", "/patches", "").1)["states"],
-        serde_json::json!([])
-    );
+    disable_and_check_released(&s, "loglevel-state2", original);
 }
