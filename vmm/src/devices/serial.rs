@@ -109,27 +109,52 @@ impl Write for ConsoleOut {
 }
 
 /// UART register offsets and bits the break emulation needs.
+const DATA_OFFSET: u64 = 0;
 const IIR_OFFSET: u64 = 2;
+const LCR_OFFSET: u8 = 3;
 const LSR_OFFSET: u64 = 5;
+/// IER: receiver line status interrupt.
+const IER_RLSI: u8 = 0x04;
+/// IER: received data available interrupt.
+const IER_RDI: u8 = 0x01;
+/// LCR: divisor latch access.
+const LCR_DLAB: u8 = 0x80;
 /// IIR: receiver line status interrupt, FIFOs enabled (16550A).
 const IIR_LINE_STATUS_FIFO: u8 = 0xc6;
 /// LSR: break interrupt.
 const LSR_BREAK: u8 = 0x10;
 
-/// Where a break condition sent to the guest stands.
+/// Host input on its way to the receive FIFO, in the order it was sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Break {
+enum Rx {
+    Byte(u8),
+    Break,
+}
+
+/// Where a break condition sent to the guest stands.
+///
+/// A 16550A receives a break as a NUL character whose FIFO entry carries the
+/// break flag; LSR shows BI while that entry is at the head of the FIFO. The
+/// vm-superio UART has no per-entry flags, so the device queues the NUL only
+/// into an empty FIFO and tracks the flag itself. Whichever guest path reads
+/// LSR first (the interrupt handler, or the console's transmit poll, which
+/// Linux makes save BI for the handler), the break then belongs to the NUL,
+/// never to the character typed after it (the SysRq key).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Break {
+    /// No break in the FIFO.
+    #[default]
     None,
-    /// Raised; the guest has not read IIR yet.
-    Raised,
-    /// IIR reported a line-status interrupt; the next LSR read reports the break.
+    /// The break's NUL is at the FIFO head and LSR has not reported BI yet.
+    Unreported,
+    /// LSR reported BI; the NUL is still to be read.
     Reported,
 }
 
 /// The UART as seen from the bus, plus pending host input.
 pub struct SerialDevice {
     uart: Serial<IrqTrigger, RxReady, ConsoleOut>,
-    pending_input: VecDeque<u8>,
+    pending_input: VecDeque<Rx>,
     /// A second handle on the interrupt line, for line-status (break) interrupts, which
     /// the vm-superio UART does not model.
     irq: Option<EventFd>,
@@ -147,49 +172,86 @@ impl SerialDevice {
         }
     }
 
-    /// Sends a break condition, as a terminal's BREAK key does. Linux's serial console
-    /// treats the next character (within 5 s) as a magic SysRq key. Host input queued
-    /// after the break reaches the guest only once the guest has seen the break, so the
-    /// SysRq key is not swallowed with it.
+    /// Sends a break condition, as a terminal's BREAK key does, after the input
+    /// queued before it. Linux's serial console treats the next character (within
+    /// 5 s) as a magic SysRq key.
     pub fn send_break(&mut self) {
-        self.brk = Break::Raised;
-        if let Some(irq) = &self.irq {
-            if let Err(e) = irq.write(1) {
-                tracing::warn!("serial: cannot raise the break interrupt: {e}");
-            }
-        }
+        self.pending_input.push_back(Rx::Break);
+        self.pump_input();
     }
 
     /// Queues host input; moves as much as fits into the UART FIFO now.
     pub fn queue_input(&mut self, data: &[u8]) {
-        self.pending_input.extend(data);
+        self.pending_input.extend(data.iter().map(|&b| Rx::Byte(b)));
         self.pump_input();
     }
 
-    /// Moves pending input into the FIFO (called when the guest drained it).
+    /// Moves pending input into the FIFO (called when the guest drained it). A
+    /// break waits for an empty FIFO, and what follows it waits until the guest
+    /// has read the break's NUL.
     pub fn pump_input(&mut self) {
-        if self.brk != Break::None {
-            return;
-        }
-        while !self.pending_input.is_empty() {
-            let room = self.uart.fifo_capacity();
-            if room == 0 {
-                break;
-            }
-            let n = room.min(self.pending_input.len());
-            let chunk: Vec<u8> = self.pending_input.iter().take(n).copied().collect();
-            match self.uart.enqueue_raw_bytes(&chunk) {
-                Ok(done) if done > 0 => {
-                    self.pending_input.drain(..done);
+        while self.brk == Break::None {
+            match self.pending_input.front() {
+                None => return,
+                Some(Rx::Break) => {
+                    if !self.fifo_is_empty() || !self.enqueue(&[0]) {
+                        return;
+                    }
+                    self.pending_input.pop_front();
+                    self.brk = Break::Unreported;
+                    self.raise_line_status();
                 }
-                _ => break,
+                Some(Rx::Byte(_)) => {
+                    let chunk: Vec<u8> = self
+                        .pending_input
+                        .iter()
+                        .take(self.uart.fifo_capacity())
+                        .map_while(|rx| match rx {
+                            Rx::Byte(b) => Some(*b),
+                            Rx::Break => None,
+                        })
+                        .collect();
+                    if chunk.is_empty() || !self.enqueue(&chunk) {
+                        return;
+                    }
+                    self.pending_input.drain(..chunk.len());
+                }
+            }
+        }
+    }
+
+    /// Puts `bytes` into the FIFO whole; false (and nothing queued) when they do not fit.
+    fn enqueue(&mut self, bytes: &[u8]) -> bool {
+        if self.uart.fifo_capacity() < bytes.len() {
+            return false;
+        }
+        // Loopback mode takes nothing (Ok(0)); the input then waits.
+        matches!(self.uart.enqueue_raw_bytes(bytes), Ok(n) if n == bytes.len())
+    }
+
+    fn fifo_is_empty(&self) -> bool {
+        self.uart.state().in_buffer.is_empty()
+    }
+
+    /// The vm-superio UART raised the data interrupt for the NUL if the guest
+    /// enabled it; a guest that only enabled line-status interrupts gets one here.
+    fn raise_line_status(&self) {
+        let ier = self.uart.state().interrupt_enable;
+        if ier & IER_RLSI != 0 && ier & IER_RDI == 0 {
+            if let Some(irq) = &self.irq {
+                if let Err(e) = irq.write(1) {
+                    tracing::warn!("serial: cannot raise the break interrupt: {e}");
+                }
             }
         }
     }
 
     /// Bytes of host input not yet accepted by the guest.
     pub fn pending_input(&self) -> usize {
-        self.pending_input.len()
+        self.pending_input
+            .iter()
+            .filter(|rx| matches!(rx, Rx::Byte(_)))
+            .count()
     }
 }
 
@@ -207,6 +269,13 @@ pub struct SerialSnapshot {
     pub scratch: u8,
     pub fifo: Vec<u8>,
     pub pending_input: Vec<u8>,
+    /// Breaks waiting in `pending_input`: each is sent before the byte at this index
+    /// (an index equal to its length: after all of it). Absent in older snapshots.
+    #[serde(default)]
+    pub pending_breaks: Vec<usize>,
+    /// Whether the FIFO head is a break's NUL, and whether LSR reported it.
+    #[serde(default)]
+    pub break_in_fifo: Break,
 }
 
 /// A serial snapshot that does not fit a 16550A.
@@ -229,7 +298,29 @@ impl SerialDevice {
             modem_status: s.modem_status,
             scratch: s.scratch,
             fifo: s.in_buffer,
-            pending_input: self.pending_input.iter().copied().collect(),
+            pending_input: self
+                .pending_input
+                .iter()
+                .filter_map(|rx| match rx {
+                    Rx::Byte(b) => Some(*b),
+                    Rx::Break => None,
+                })
+                .collect(),
+            pending_breaks: self
+                .pending_input
+                .iter()
+                .scan(0usize, |bytes, rx| {
+                    Some(match rx {
+                        Rx::Byte(_) => {
+                            *bytes += 1;
+                            None
+                        }
+                        Rx::Break => Some(*bytes),
+                    })
+                })
+                .flatten()
+                .collect(),
+            break_in_fifo: self.brk,
         }
     }
 
@@ -252,14 +343,36 @@ impl SerialDevice {
             scratch: snap.scratch,
             in_buffer: snap.fifo.clone(),
         };
+        if snap.break_in_fifo != Break::None && snap.fifo.first() != Some(&0) {
+            return Err(SerialSnapshotError(
+                "a break is recorded but the FIFO does not start with its NUL".into(),
+            ));
+        }
+        let mut pending = VecDeque::with_capacity(snap.pending_input.len());
+        let mut breaks = snap.pending_breaks.iter().copied().peekable();
+        for (i, &b) in snap.pending_input.iter().enumerate() {
+            while breaks.next_if(|&at| at <= i).is_some() {
+                pending.push_back(Rx::Break);
+            }
+            pending.push_back(Rx::Byte(b));
+        }
+        for at in breaks {
+            if at > snap.pending_input.len() {
+                return Err(SerialSnapshotError(format!(
+                    "a pending break at {at} lies beyond the {} pending bytes",
+                    snap.pending_input.len()
+                )));
+            }
+            pending.push_back(Rx::Break);
+        }
         let line = irq.try_clone().ok();
         let uart = Serial::from_state(&state, IrqTrigger(irq), RxReady(rx_ready), out)
             .map_err(|e| SerialSnapshotError(format!("{e:?}")))?;
         Ok(Self {
             uart,
-            pending_input: snap.pending_input.iter().copied().collect(),
+            pending_input: pending,
             irq: line,
-            brk: Break::None,
+            brk: snap.break_in_fifo,
         })
     }
 }
@@ -267,16 +380,25 @@ impl SerialDevice {
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if data.len() == 1 && offset < 8 {
+            let dlab = self.uart.read(LCR_OFFSET) & LCR_DLAB != 0;
             data[0] = match (offset, self.brk) {
-                (IIR_OFFSET, Break::Raised) => {
-                    self.brk = Break::Reported;
+                // A pending line-status interrupt outranks received data.
+                (IIR_OFFSET, Break::Unreported)
+                    if self.uart.state().interrupt_enable & IER_RLSI != 0 =>
+                {
                     IIR_LINE_STATUS_FIFO
                 }
-                (LSR_OFFSET, Break::Raised | Break::Reported) => {
+                // BI, like the error bits, is cleared by the LSR read that reports it.
+                (LSR_OFFSET, Break::Unreported) => {
+                    self.brk = Break::Reported;
+                    self.uart.read(LSR_OFFSET as u8) | LSR_BREAK
+                }
+                // The guest takes the break's NUL; what followed the break may come in.
+                (DATA_OFFSET, Break::Unreported | Break::Reported) if !dlab => {
+                    let nul = self.uart.read(DATA_OFFSET as u8);
                     self.brk = Break::None;
-                    let lsr = self.uart.read(LSR_OFFSET as u8) | LSR_BREAK;
                     self.pump_input();
-                    lsr
+                    nul
                 }
                 _ => self.uart.read(offset as u8),
             };
@@ -381,29 +503,184 @@ mod tests {
         assert!(err.contains("serial snapshot"), "{err}");
     }
 
-    #[test]
-    fn break_is_reported_once_and_input_waits_for_it() {
-        let (mut dev, _, _, _) = device();
-        dev.write(1, &[0x05]); // IER: receive data + line status interrupts
-        dev.send_break();
-        dev.queue_input(b"t");
-        let mut b = [0u8];
-        dev.read(5, &mut b);
-        assert_eq!(b[0] & 0x11, 0x10, "LSR: break, no data yet");
-        // The SysRq key follows the break.
-        dev.read(5, &mut b);
-        assert_eq!(b[0] & 0x11, 0x01, "LSR: data, break reported only once");
-        dev.read(0, &mut b);
-        assert_eq!(b[0], b't');
+    /// What Linux's 8250 driver (6.1, `serial8250_handle_irq` / `_rx_chars` /
+    /// `_read_char` and `uart_handle_break` / `uart_prepare_sysrq_char`) does with
+    /// the registers, reduced to what the break and SysRq paths depend on.
+    #[derive(Default)]
+    struct Linux8250 {
+        lsr_saved_flags: u8,
+        sysrq_armed: bool,
+        sysrq: Vec<u8>,
+        chars: Vec<u8>,
+    }
 
-        // Through the interrupt path: IIR says line status first.
+    const LSR_DR: u8 = 0x01;
+    const LSR_ERROR_BITS: u8 = 0x1e;
+
+    impl Linux8250 {
+        fn lsr_in(&mut self, dev: &mut SerialDevice) -> u8 {
+            let mut b = [0u8];
+            dev.read(LSR_OFFSET, &mut b);
+            let lsr = self.lsr_saved_flags | b[0];
+            self.lsr_saved_flags = lsr & LSR_ERROR_BITS;
+            lsr
+        }
+
+        /// `serial8250_console_write` polls LSR for THRE after each character.
+        fn console_putc(&mut self, dev: &mut SerialDevice) {
+            self.lsr_in(dev);
+            dev.write(DATA_OFFSET, b"x");
+        }
+
+        fn interrupt(&mut self, dev: &mut SerialDevice) {
+            let mut b = [0u8];
+            dev.read(IIR_OFFSET, &mut b);
+            if b[0] & 1 != 0 {
+                return;
+            }
+            let mut lsr = self.lsr_in(dev);
+            for _ in 0..256 {
+                if lsr & (LSR_DR | LSR_BREAK) == 0 {
+                    break;
+                }
+                self.read_char(dev, lsr);
+                dev.read(LSR_OFFSET, &mut b);
+                lsr = b[0];
+            }
+        }
+
+        fn read_char(&mut self, dev: &mut SerialDevice, mut lsr: u8) {
+            let mut b = [0u8];
+            if lsr & LSR_DR != 0 {
+                dev.read(DATA_OFFSET, &mut b);
+            }
+            lsr |= self.lsr_saved_flags;
+            self.lsr_saved_flags = 0;
+            if lsr & LSR_BREAK != 0 {
+                self.sysrq_armed = !self.sysrq_armed;
+                if self.sysrq_armed {
+                    return;
+                }
+            }
+            if std::mem::take(&mut self.sysrq_armed) && b[0] != 0 {
+                self.sysrq.push(b[0]);
+                return;
+            }
+            self.chars.push(b[0]);
+        }
+    }
+
+    const IER_OFFSET: u64 = 1;
+
+    /// IER as Linux sets it while the port is open.
+    fn open_port(dev: &mut SerialDevice) {
+        dev.write(IER_OFFSET, &[IER_RDI | IER_RLSI]);
+    }
+
+    #[test]
+    fn break_then_key_is_a_sysrq_through_the_interrupt_handler() {
+        let (mut dev, _, _, _) = device();
+        open_port(&mut dev);
         dev.send_break();
-        dev.read(2, &mut b);
-        assert_eq!(b[0], 0xc6);
-        dev.read(5, &mut b);
-        assert_eq!(b[0] & 0x10, 0x10);
-        dev.read(5, &mut b);
-        assert_eq!(b[0] & 0x10, 0);
+        dev.queue_input(b"h");
+        let mut linux = Linux8250::default();
+        linux.interrupt(&mut dev);
+        assert_eq!(linux.sysrq, b"h");
+        assert!(linux.chars.is_empty(), "{:?}", linux.chars);
+        assert_eq!(dev.pending_input(), 0);
+    }
+
+    #[test]
+    fn a_console_write_that_sees_the_break_first_does_not_eat_the_key() {
+        // The guest prints while the break arrives: its transmit poll reads LSR
+        // (and saves BI) before the interrupt handler runs.
+        let (mut dev, _, _, _) = device();
+        open_port(&mut dev);
+        dev.send_break();
+        dev.queue_input(b"h");
+        let mut linux = Linux8250::default();
+        linux.console_putc(&mut dev);
+        linux.console_putc(&mut dev);
+        linux.interrupt(&mut dev);
+        assert_eq!(linux.sysrq, b"h");
+        assert!(linux.chars.is_empty(), "{:?}", linux.chars);
+    }
+
+    #[test]
+    fn input_keeps_its_order_around_a_break() {
+        let (mut dev, _, _, _) = device();
+        open_port(&mut dev);
+        dev.queue_input(b"ab");
+        dev.send_break();
+        dev.queue_input(b"tc");
+        assert_eq!(dev.pending_input(), 2, "the key waits behind the break");
+        let mut linux = Linux8250::default();
+        linux.interrupt(&mut dev);
+        // The FIFO drained: the break goes in next (the VMM's rx_ready pump).
+        dev.pump_input();
+        linux.interrupt(&mut dev);
+        assert_eq!(linux.chars, b"abc");
+        assert_eq!(linux.sysrq, b"t");
+    }
+
+    #[test]
+    fn iir_reports_the_break_as_line_status_until_lsr_is_read() {
+        let (mut dev, _, _, _) = device();
+        open_port(&mut dev);
+        dev.send_break();
+        let mut b = [0u8];
+        dev.read(IIR_OFFSET, &mut b);
+        assert_eq!(b[0], IIR_LINE_STATUS_FIFO);
+        dev.read(LSR_OFFSET, &mut b);
+        assert_eq!(b[0] & (LSR_BREAK | LSR_DR), LSR_BREAK | LSR_DR);
+        dev.read(LSR_OFFSET, &mut b);
+        assert_eq!(b[0] & LSR_BREAK, 0, "BI is reported once");
+        dev.read(DATA_OFFSET, &mut b);
+        assert_eq!(b[0], 0, "a break is received as NUL");
+    }
+
+    #[test]
+    fn a_snapshot_keeps_breaks_in_the_fifo_and_in_the_queue() {
+        let (mut dev, _, _, _) = device();
+        open_port(&mut dev);
+        dev.send_break();
+        dev.queue_input(b"h");
+        dev.send_break();
+        dev.queue_input(b"l");
+        dev.send_break();
+        let snap = dev.save_state();
+        assert_eq!(snap.fifo, [0]);
+        assert_eq!(snap.break_in_fifo, Break::Unreported);
+        assert_eq!(snap.pending_input, b"hl");
+        assert_eq!(snap.pending_breaks, [1, 2]);
+
+        let (_, out, exit, rx) = device();
+        let mut restored = SerialDevice::restore(
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            rx,
+            ConsoleOut::new(Box::new(out), exit),
+            &snap,
+        )
+        .unwrap();
+        assert_eq!(restored.save_state(), snap);
+        let mut linux = Linux8250::default();
+        for _ in 0..4 {
+            linux.interrupt(&mut restored);
+            restored.pump_input();
+        }
+        assert_eq!(linux.sysrq, b"hl");
+        assert!(linux.chars.is_empty(), "{:?}", linux.chars);
+
+        let mut bad = snap.clone();
+        bad.pending_breaks = vec![3];
+        let (_, out, exit, rx) = device();
+        assert!(SerialDevice::restore(
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            rx,
+            ConsoleOut::new(Box::new(out), exit),
+            &bad,
+        )
+        .is_err());
     }
 
     #[test]
