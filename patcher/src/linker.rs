@@ -319,18 +319,20 @@ pub fn link(
                     // small offset, `%gs:sym(%rip)`) is reached from the top 2 GiB the way
                     // the kernel's own text reaches it.
                     let v = (i128::from(s) + a - i128::from(place)) as u64 as i64;
-                    let v = i32::try_from(v).map_err(|_| overflow("PC32", i128::from(v)))?;
+                    let v =
+                        i32::try_from(v).map_err(|_| overflow("R_X86_64_PC32", i128::from(v)))?;
                     img[at..at + 4].copy_from_slice(&v.to_le_bytes());
                 }
                 object::elf::R_X86_64_32S => {
                     // Sign-extended: the value read back as i32 must equal S + A as u64.
                     let v = (i128::from(s) + a) as u64 as i64;
-                    let v = i32::try_from(v).map_err(|_| overflow("32S", i128::from(v)))?;
+                    let v =
+                        i32::try_from(v).map_err(|_| overflow("R_X86_64_32S", i128::from(v)))?;
                     img[at..at + 4].copy_from_slice(&v.to_le_bytes());
                 }
                 object::elf::R_X86_64_32 => {
                     let v = i128::from(s) + a;
-                    let v = u32::try_from(v).map_err(|_| overflow("32", v))?;
+                    let v = u32::try_from(v).map_err(|_| overflow("R_X86_64_32", v))?;
                     img[at..at + 4].copy_from_slice(&v.to_le_bytes());
                 }
                 other => {

@@ -3,8 +3,9 @@
 //! before and after (`GET /kernel/digest`, read with the vCPUs paused), as does the ledger.
 //!
 //! Each bad bundle is a copy of one good bundle, wrong in exactly one way and
-//! re-checksummed (`repack_bundle`), except the one too big for the patch area, which is
-//! built from its own source.
+//! re-checksummed (`repack_bundle`), except two that are built from their own sources:
+//! one too big for the patch area, and one whose 32-bit absolute reference to a kernel
+//! variable cannot be relocated (`reloc-overflow`).
 
 use std::path::PathBuf;
 
@@ -36,6 +37,11 @@ fn scratch(name: &str) -> PathBuf {
 fn bad_bundles_are_refused_and_leave_kernel_text_and_patch_area_unchanged() {
     let good = build_sample_bundle("sysrq-showmem", "manifest.json", "livepatch_sysrq.c");
     let oversized = build_sample_bundle("oversized", "manifest.json", "livepatch_oversized.c");
+    let overflow = build_sample_bundle(
+        "reloc-overflow",
+        "manifest.json",
+        "livepatch_reloc_overflow.c",
+    );
     let bytes = std::fs::read(&good).unwrap();
 
     let truncated = scratch("truncated");
@@ -83,6 +89,10 @@ fn bad_bundles_are_refused_and_leave_kernel_text_and_patch_area_unchanged() {
         (path(&no_such_pos), "has no sympos 9"),
         (path(&no_nop), "does not start with the fentry NOP"),
         (oversized.clone(), "but the patch area has"),
+        (
+            overflow.clone(),
+            "relocation R_X86_64_32 at .rodata+0x0 against jiffies overflows",
+        ),
         ("/nonexistent/bundle".to_string(), "/nonexistent/bundle"),
     ];
 
