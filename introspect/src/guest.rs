@@ -3,6 +3,8 @@
 //! need. Loaded once per kernel boot (everything here is read-only kernel data), used for
 //! any number of task walks on the same memory.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use crate::btf::{Btf, BtfError};
 use crate::cpu::{CpuRegs, Vcpus};
 use crate::kernel::{KallsymsFrom, Kernel, KernelError};
@@ -11,7 +13,7 @@ use crate::modules::{self, LazyModules, Module, ModuleError, ModuleLayout};
 use crate::orc::{OrcError, OrcTable};
 use crate::paging::{PageTables, VirtMemory};
 use crate::stacks::{self, CpuStackLayout, TaskTrace, Unwinder};
-use crate::tasks::{self, Task, TaskError, TaskLayout, TaskRoots};
+use crate::tasks::{self, Roster, Task, TaskError, TaskLayout, TaskRoots};
 
 /// Largest BTF blob accepted (6.1.187's is about 4 MiB).
 const MAX_BTF: u64 = 64 << 20;
@@ -253,11 +255,25 @@ impl GuestKernel {
         vcpus: &dyn Vcpus,
         symbolize: bool,
     ) -> Result<Vec<TaskStackTrace>, GuestError> {
-        // One page walker (and its translation cache) and one read of the per-CPU
-        // offsets serve the task walk and every unwind.
+        self.task_traces_split(mem, vcpus, symbolize, TASKS_PER_UNWIND_THREAD)
+    }
+
+    /// [`GuestKernel::task_traces_with`] on one thread per `per_thread` processes (at
+    /// most one per host CPU), each with its own page walker: after the process list,
+    /// each thread group is read and unwound on its own, and on a paused VM the vCPUs'
+    /// host CPUs are free. The traces come back in task order whatever the split.
+    pub fn task_traces_split(
+        &self,
+        mem: &dyn GuestPhysMemory,
+        vcpus: &dyn Vcpus,
+        symbolize: bool,
+        per_thread: usize,
+    ) -> Result<Vec<TaskStackTrace>, GuestError> {
+        // One read of the per-CPU offsets serves the task walk and every unwind; each
+        // thread has its own page walker (and translation cache).
         let v = self.virt(mem);
         let offsets = tasks::percpu_offsets(&v, &self.roots)?;
-        let tasks = tasks::enumerate_with(&v, &self.layout, &self.roots, &offsets)?;
+        let roster = Roster::read(&v, &self.layout, &self.roots, &offsets)?;
         let mut regs = Vec::with_capacity(vcpus.vcpu_count());
         for i in 0..vcpus.vcpu_count() {
             regs.push(vcpus.vcpu_regs(i).map_err(|detail| TaskError::Read {
@@ -265,32 +281,103 @@ impl GuestKernel {
                 detail,
             })?);
         }
-        let u = Unwinder {
-            mem: &v,
+        let by_cpu: Vec<(u32, &CpuRegs)> = regs
+            .iter()
+            .filter_map(|r| stacks::cpu_of(&offsets, r).map(|c| (c, r)))
+            .collect();
+        let unwind = |u: &Unwinder<'_>, tasks: Vec<Task>| -> Vec<TaskStackTrace> {
+            tasks
+                .into_iter()
+                .map(|task| {
+                    let r = task
+                        .current_on
+                        .and_then(|c| by_cpu.iter().find(|(cpu, _)| *cpu == c))
+                        .map(|(_, r)| *r);
+                    let trace = u.trace(&task, r);
+                    TaskStackTrace { task, trace }
+                })
+                .collect()
+        };
+        // The thread groups, a block of leaders at a time, on as many threads as the
+        // split allows: each thread takes the next block until none is left, so a
+        // thread that starts late takes fewer.
+        let next = AtomicUsize::new(0);
+        let leaders = &roster.leaders;
+        let blocks = leaders.len().div_ceil(LEADERS_PER_BLOCK);
+        let work = |v: &VirtMemory<'_>| -> Result<Vec<(usize, Vec<TaskStackTrace>)>, TaskError> {
+            let u = self.unwinder(v, &offsets, symbolize);
+            let mut done = Vec::new();
+            loop {
+                let block = next.fetch_add(1, Ordering::Relaxed);
+                if block >= blocks {
+                    return Ok(done);
+                }
+                let end = ((block + 1) * LEADERS_PER_BLOCK).min(leaders.len());
+                let group =
+                    roster.groups(v, &self.layout, &leaders[block * LEADERS_PER_BLOCK..end])?;
+                done.push((block, unwind(&u, group)));
+            }
+        };
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let helpers = leaders.len().div_ceil(per_thread.max(1)).clamp(1, cpus) - 1;
+        let mut done = std::thread::scope(|s| -> Result<_, TaskError> {
+            let work = &work;
+            let others: Vec<_> = (0..helpers)
+                .map(|_| s.spawn(move || work(&self.virt(mem))))
+                .collect();
+            let mut done = work(&v)?;
+            for other in others {
+                match other.join() {
+                    Ok(more) => done.extend(more?),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            Ok(done)
+        })?;
+        done.sort_unstable_by_key(|(block, _)| *block);
+        let u = self.unwinder(&v, &offsets, symbolize);
+        let first = unwind(&u, vec![roster.init_task(&v, &self.layout)?]);
+        let last = unwind(&u, roster.cpu_tasks(&v, &self.layout)?);
+        Ok(tasks::merge(
+            std::iter::once(first)
+                .chain(done.into_iter().map(|(_, traces)| traces))
+                .chain(std::iter::once(last)),
+        )?)
+    }
+}
+
+impl GuestKernel {
+    fn unwinder<'a>(
+        &'a self,
+        v: &'a VirtMemory<'a>,
+        percpu_offsets: &'a [u64],
+        symbolize: bool,
+    ) -> Unwinder<'a> {
+        Unwinder {
+            mem: v,
             orc: &self.orc,
             symbols: &self.kernel.symbols,
             text: &self.text,
             ret_from_fork: self.ret_from_fork,
             trampolines: &self.trampolines,
-            percpu_offsets: &offsets,
+            percpu_offsets,
             cpu_stacks: &self.cpu_stacks,
-            modules: self.lazy_modules(&v),
+            modules: self.lazy_modules(v),
             symbolize,
-        };
-        let by_cpu: Vec<(u32, &CpuRegs)> = regs
-            .iter()
-            .filter_map(|r| u.cpu_of(r).map(|c| (c, r)))
-            .collect();
-        Ok(tasks
-            .into_iter()
-            .map(|task| {
-                let r = task
-                    .current_on
-                    .and_then(|c| by_cpu.iter().find(|(cpu, _)| *cpu == c))
-                    .map(|(_, r)| *r);
-                let trace = u.trace(&task, r);
-                TaskStackTrace { task, trace }
-            })
-            .collect())
+        }
     }
 }
+
+impl tasks::HasTask for TaskStackTrace {
+    fn task(&self) -> &Task {
+        &self.task
+    }
+}
+
+/// Thread-group leaders a task-walk thread takes at a time.
+const LEADERS_PER_BLOCK: usize = 32;
+
+/// [`GuestKernel::task_traces_with`] starts another thread for each this many processes
+/// (thread-group leaders). Starting a thread costs tens of microseconds; walking and
+/// unwinding this many tasks, several hundred.
+pub const TASKS_PER_UNWIND_THREAD: usize = 256;

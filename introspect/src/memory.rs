@@ -15,8 +15,8 @@ pub enum MemError {
     Io { addr: u64, detail: String },
 }
 
-/// Reads guest-physical memory.
-pub trait GuestPhysMemory {
+/// Reads guest-physical memory. `Sync`: a walk may read it from several threads.
+pub trait GuestPhysMemory: Sync {
     /// Fills `buf` from guest-physical address `gpa`; fails if any byte is not RAM.
     fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError>;
     /// The RAM regions (start, length), for scans.

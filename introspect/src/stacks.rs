@@ -115,6 +115,18 @@ impl StackReader for Reader<'_> {
     }
 }
 
+/// Which kernel CPU a vCPU is: the CPU whose per-cpu offset is the vCPU's per-cpu base.
+pub fn cpu_of(percpu_offsets: &[u64], regs: &CpuRegs) -> Option<u32> {
+    let want = regs.percpu_base();
+    let alt = if regs.in_kernel() {
+        regs.kernel_gs_base
+    } else {
+        regs.gs_base
+    };
+    let find = |b: u64| percpu_offsets.iter().position(|&o| o == b && b != 0);
+    find(want).or_else(|| find(alt)).map(|c| c as u32)
+}
+
 /// Most bytes of one stack buffered for an unwind (a task stack is 16 KiB).
 const MAX_BUFFERED_STACK: u64 = 16 << 10;
 
@@ -167,14 +179,7 @@ fn unreliable(problem: String) -> Trace {
 impl Unwinder<'_> {
     /// Which kernel CPU a vCPU is, by its per-cpu base.
     pub fn cpu_of(&self, regs: &CpuRegs) -> Option<u32> {
-        let want = regs.percpu_base();
-        let alt = if regs.in_kernel() {
-            regs.kernel_gs_base
-        } else {
-            regs.gs_base
-        };
-        let find = |b: u64| self.percpu_offsets.iter().position(|&o| o == b && b != 0);
-        find(want).or_else(|| find(alt)).map(|c| c as u32)
+        cpu_of(self.percpu_offsets, regs)
     }
 
     /// `addr` is vmlinux text (core or init).

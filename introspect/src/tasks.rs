@@ -301,60 +301,142 @@ pub fn enumerate_with(
     roots: &TaskRoots,
     offsets: &[u64],
 ) -> Result<Vec<Task>, TaskError> {
-    let mut current = Vec::with_capacity(offsets.len());
-    let mut idle = Vec::with_capacity(offsets.len());
-    for (cpu, off) in offsets.iter().enumerate() {
-        if *off == 0 && cpu > 0 {
-            continue; // a possible CPU that never came up
-        }
-        let rq = off.wrapping_add(roots.runqueues);
-        let curr = read_u64(m, rq.wrapping_add(l.rq_curr), "rq->curr")?;
-        let idl = read_u64(m, rq.wrapping_add(l.rq_idle), "rq->idle")?;
-        if curr != 0 {
-            current.push((curr, cpu as u32));
-        }
-        if idl != 0 {
-            idle.push(idl);
-        }
-    }
-    let current_on = |t: u64| current.iter().find(|(c, _)| *c == t).map(|(_, cpu)| *cpu);
+    let roster = Roster::read(m, l, roots, offsets)?;
+    let init = roster.init_task(m, l)?;
+    let groups = roster.groups(m, l, &roster.leaders)?;
+    let rest = roster.cpu_tasks(m, l)?;
+    merge([vec![init], groups, rest])
+}
 
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    let mut push = |t: Task, out: &mut Vec<Task>| {
-        if seen.insert(t.addr) {
-            out.push(t);
-        }
-    };
-    push(
-        read_task(m, l, roots.init_task, current_on(roots.init_task))?,
-        &mut out,
-    );
-    let leaders = walk_list(m, roots.init_task.wrapping_add(l.tasks), l.tasks, "process")?;
-    for leader in leaders {
-        let t = read_task(m, l, leader, current_on(leader))?;
-        let signal = read_u64(m, leader.wrapping_add(l.signal), "task->signal")?;
-        push(t, &mut out);
-        if signal == 0 {
-            continue;
-        }
-        let threads = walk_list(
-            m,
-            signal.wrapping_add(l.signal_thread_head),
-            l.thread_node,
-            "thread",
-        )?;
-        if out.len().saturating_add(threads.len()) > MAX_TASKS {
-            return Err(TaskError::TornList("thread", "too many tasks".into()));
-        }
-        for th in threads {
-            if th != leader {
-                push(read_task(m, l, th, current_on(th))?, &mut out);
+/// Where a task walk starts: what each CPU runs, its idle task, and the thread-group
+/// leaders of the process list. Each leader's group is read on its own
+/// ([`Roster::groups`]), so a walk can be split between threads.
+#[derive(Debug, Clone)]
+pub struct Roster {
+    init_task: u64,
+    /// `rq->curr` of each CPU, with the CPU.
+    current: Vec<(u64, u32)>,
+    /// `rq->idle` of each CPU.
+    idle: Vec<u64>,
+    /// The process list, in order.
+    pub leaders: Vec<u64>,
+}
+
+impl Roster {
+    /// Reads the run queues and walks the process list (bounded, loop-checked).
+    pub fn read(
+        m: &dyn KernelMemory,
+        l: &TaskLayout,
+        roots: &TaskRoots,
+        offsets: &[u64],
+    ) -> Result<Self, TaskError> {
+        let mut current = Vec::with_capacity(offsets.len());
+        let mut idle = Vec::with_capacity(offsets.len());
+        for (cpu, off) in offsets.iter().enumerate() {
+            if *off == 0 && cpu > 0 {
+                continue; // a possible CPU that never came up
+            }
+            let rq = off.wrapping_add(roots.runqueues);
+            let curr = read_u64(m, rq.wrapping_add(l.rq_curr), "rq->curr")?;
+            let idl = read_u64(m, rq.wrapping_add(l.rq_idle), "rq->idle")?;
+            if curr != 0 {
+                current.push((curr, cpu as u32));
+            }
+            if idl != 0 {
+                idle.push(idl);
             }
         }
+        let leaders = walk_list(m, roots.init_task.wrapping_add(l.tasks), l.tasks, "process")?;
+        Ok(Roster {
+            init_task: roots.init_task,
+            current,
+            idle,
+            leaders,
+        })
     }
-    for t in idle.into_iter().chain(current.iter().map(|(t, _)| *t)) {
-        push(read_task(m, l, t, current_on(t))?, &mut out);
+
+    fn current_on(&self, task: u64) -> Option<u32> {
+        self.current
+            .iter()
+            .find(|(c, _)| *c == task)
+            .map(|(_, cpu)| *cpu)
+    }
+
+    /// `init_task` (the idle task of CPU 0, which heads the process list).
+    pub fn init_task(&self, m: &dyn KernelMemory, l: &TaskLayout) -> Result<Task, TaskError> {
+        read_task(m, l, self.init_task, self.current_on(self.init_task))
+    }
+
+    /// Each of `leaders`, followed by its other threads.
+    pub fn groups(
+        &self,
+        m: &dyn KernelMemory,
+        l: &TaskLayout,
+        leaders: &[u64],
+    ) -> Result<Vec<Task>, TaskError> {
+        let mut out = Vec::with_capacity(leaders.len());
+        for &leader in leaders {
+            let t = read_task(m, l, leader, self.current_on(leader))?;
+            let signal = read_u64(m, leader.wrapping_add(l.signal), "task->signal")?;
+            out.push(t);
+            if signal == 0 {
+                continue;
+            }
+            let threads = walk_list(
+                m,
+                signal.wrapping_add(l.signal_thread_head),
+                l.thread_node,
+                "thread",
+            )?;
+            if out.len().saturating_add(threads.len()) > MAX_TASKS {
+                return Err(TaskError::TornList("thread", "too many tasks".into()));
+            }
+            for th in threads {
+                if th != leader {
+                    out.push(read_task(m, l, th, self.current_on(th))?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The idle tasks, then the current tasks (an exiting one is on no list);
+    /// [`merge`] drops the ones the lists already gave.
+    pub fn cpu_tasks(&self, m: &dyn KernelMemory, l: &TaskLayout) -> Result<Vec<Task>, TaskError> {
+        self.idle
+            .iter()
+            .copied()
+            .chain(self.current.iter().map(|(t, _)| *t))
+            .map(|t| read_task(m, l, t, self.current_on(t)))
+            .collect()
+    }
+}
+
+/// Something a task walk yields per task (a [`Task`], or a task with its trace).
+pub trait HasTask {
+    fn task(&self) -> &Task;
+}
+
+impl HasTask for Task {
+    fn task(&self) -> &Task {
+        self
+    }
+}
+
+/// The parts of a walk in order, each task once (the first time it appears), at most
+/// [`MAX_TASKS`].
+pub fn merge<T: HasTask>(parts: impl IntoIterator<Item = Vec<T>>) -> Result<Vec<T>, TaskError> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for part in parts {
+        for t in part {
+            if seen.insert(t.task().addr) {
+                if out.len() >= MAX_TASKS {
+                    return Err(TaskError::TornList("process", "too many tasks".into()));
+                }
+                out.push(t);
+            }
+        }
     }
     Ok(out)
 }

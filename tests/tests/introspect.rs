@@ -129,3 +129,33 @@ fn a_scan_of_the_image_finds_the_same_kallsyms_as_vmcoreinfo() {
     let ps = vmm_ok(&["ps", "--snapshot", s, "--kallsyms", "scan"]);
     assert!(ps.contains("swapper/0"), "{ps}");
 }
+
+/// The stop-the-world check unwinds on several threads when the guest has many tasks
+/// (`GuestKernel::task_traces_with`). On the real kernel's memory, any split gives the
+/// same traces, in the same order, as one thread.
+#[test]
+fn unwinding_on_several_threads_gives_the_same_traces_as_one() {
+    use introspect::guest::GuestKernel;
+    use vmm::introspection::SnapshotView;
+
+    let snap = kernel_guest_snapshot();
+    let view = SnapshotView::open(&snap).unwrap();
+    let gk = GuestKernel::load(&view.memory).unwrap();
+    let render = |per_thread: usize| -> Vec<String> {
+        gk.task_traces_split(&view.memory, &view.regs, true, per_thread)
+            .unwrap()
+            .iter()
+            .map(|t| {
+                let (task, trace) = (&t.task, &t.trace);
+                format!(
+                    "{task:?} {:?} {:?} {:?}",
+                    trace.symbols, trace.trace, trace.words
+                )
+            })
+            .collect()
+    };
+    let one = render(usize::MAX);
+    assert!(one.len() > 40, "{} tasks", one.len());
+    // One task per thread: as many threads as the host has CPUs.
+    assert_eq!(render(1), one);
+}

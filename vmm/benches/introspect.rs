@@ -80,6 +80,16 @@ fn benches(c: &mut Criterion) {
     g.bench_function("enumerate_tasks_and_unwind_all_unsymbolized", |b| {
         b.iter(|| gk.task_traces_with(&mem, &regs, false).unwrap())
     });
+    // The same on one thread (the check splits the unwinding from 256 tasks on).
+    g.bench_function(
+        "enumerate_tasks_and_unwind_all_unsymbolized_one_thread",
+        |b| {
+            b.iter(|| {
+                gk.task_traces_split(&mem, &regs, false, usize::MAX)
+                    .unwrap()
+            })
+        },
+    );
     g.finish();
 }
 
