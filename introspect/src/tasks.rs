@@ -563,6 +563,26 @@ mod tests {
     }
 
     #[test]
+    fn groups_read_in_any_split_merge_into_the_same_walk() {
+        let m = guest();
+        let r = roots();
+        let whole = enumerate(&m, &L, &r).unwrap();
+        let offsets = percpu_offsets(&m, &r).unwrap();
+        let roster = Roster::read(&m, &L, &r, &offsets).unwrap();
+        assert_eq!(roster.leaders.len(), 2);
+        // Each leader read on its own, as two threads would; a part that repeats a
+        // task (a hostile list) does not repeat it in the walk.
+        let parts = vec![
+            vec![roster.init_task(&m, &L).unwrap()],
+            roster.groups(&m, &L, &roster.leaders[..1]).unwrap(),
+            roster.groups(&m, &L, &roster.leaders[1..]).unwrap(),
+            roster.groups(&m, &L, &roster.leaders[1..]).unwrap(),
+            roster.cpu_tasks(&m, &L).unwrap(),
+        ];
+        assert_eq!(merge(parts).unwrap(), whole);
+    }
+
+    #[test]
     fn a_cycle_that_skips_the_head_is_an_error_not_a_hang() {
         let mut m = guest();
         // p2.tasks.next -> p1.tasks: p1 -> p2 -> p1 -> … never returns to init_task.
