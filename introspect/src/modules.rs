@@ -183,16 +183,28 @@ pub fn enumerate(
     l: &ModuleLayout,
     modules: u64,
 ) -> Result<Vec<Module>, ModuleError> {
+    formed(m, l, modules)?
+        .into_iter()
+        .map(|(addr, state)| read_module(m, l, addr, state))
+        .collect()
+}
+
+/// The `modules` list (bounded, loop-checked): each module's address and state, without
+/// the unformed ones (still being loaded: their fields are not set yet).
+fn formed(
+    m: &dyn KernelMemory,
+    l: &ModuleLayout,
+    modules: u64,
+) -> Result<Vec<(u64, u32)>, ModuleError> {
     let addrs = walk_list(m, modules, l.list, MAX_MODULES).map_err(ModuleError::TornList)?;
     let mut out = Vec::with_capacity(addrs.len());
     for addr in addrs {
         let state = m
             .read_u32(addr.wrapping_add(l.state))
             .map_err(read_err(format!("module {addr:#x} state")))?;
-        if state == MODULE_STATE_UNFORMED {
-            continue;
+        if state != MODULE_STATE_UNFORMED {
+            out.push((addr, state));
         }
-        out.push(read_module(m, l, addr, state)?);
     }
     Ok(out)
 }
@@ -351,16 +363,10 @@ pub fn code_ranges(
     let (Some((base_off, size_off)), Some(text_off)) = (l.core, l.core_text_size) else {
         return Ok(Vec::new());
     };
-    let addrs = walk_list(m, modules, l.list, MAX_MODULES).map_err(ModuleError::TornList)?;
-    let mut out = Vec::with_capacity(addrs.len());
-    for addr in addrs {
+    let formed = formed(m, l, modules)?;
+    let mut out = Vec::with_capacity(formed.len());
+    for (addr, state) in formed {
         let at = |off: u64| addr.wrapping_add(off);
-        let state = m
-            .read_u32(at(l.state))
-            .map_err(read_err(format!("module {addr:#x} state")))?;
-        if state == MODULE_STATE_UNFORMED {
-            continue;
-        }
         let name = read_name(m, l, addr)?;
         let what = |f: &str| format!("module {name} {f}");
         let base = m
