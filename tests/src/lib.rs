@@ -139,6 +139,26 @@ impl Guest {
         }
     }
 
+    /// For a wait that timed out: the console's receive side (`GET /vm`) and where each
+    /// vCPU is (`vmm stack --cpu N`), when the VM has an API socket.
+    fn diagnose(&self) -> String {
+        if std::os::unix::net::UnixStream::connect(&self.api_socket).is_err() {
+            return format!("no API socket at {}", self.api_socket.display());
+        }
+        let status = json(&api(&self.api_socket, "GET", "/vm", "").1);
+        let mut out = format!("console receive side: {}", status["console"]);
+        let socket = self.api_socket.display().to_string();
+        for cpu in 0..status["vcpus"].as_u64().unwrap_or(0) {
+            let cpu = cpu.to_string();
+            let (_, stack, err) = run_vmm(
+                &["stack", "--cpu", &cpu, "--api-socket", &socket],
+                Duration::from_secs(60),
+            );
+            out += &format!("\nvCPU {cpu}:\n{stack}{err}");
+        }
+        out
+    }
+
     /// Whether the `vmm` process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -197,12 +217,15 @@ impl Guest {
                 );
             }
             let elapsed = start.elapsed();
-            assert!(
-                elapsed < timeout,
-                "timed out after {elapsed:?} waiting for {needle:?}\nstderr: {}\nconsole tail: {}",
-                self.stderr(),
-                tail_of(&self.output(), 3000)
-            );
+            if elapsed >= timeout {
+                panic!(
+                    "timed out after {elapsed:?} waiting for {needle:?}\nstderr: {}\n\
+                     console tail: {}\n{}",
+                    self.stderr(),
+                    tail_of(&self.output(), 3000),
+                    self.diagnose()
+                );
+            }
             if elapsed >= next_progress {
                 eprintln!(
                     "[{:>5}s] waiting for {needle:?}; console: {}",

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use integration_tests::{kernel_guest_snapshot, private_disk, require_kvm, Guest};
+use integration_tests::{api, json, kernel_guest_snapshot, private_disk, require_kvm, Guest};
 
 const T: Duration = Duration::from_secs(300);
 
@@ -48,6 +48,23 @@ fn restored_guest_answers_on_its_console_and_its_clock_moves_on() {
     // The snapshot was taken 20 s after init started at ~600 s kernel time or later.
     let t = stamp(&text, "sysrq: HELP");
     assert!(t > 20.0, "kernel clock went back: {t}");
+    // The guest took the break and the key: nothing waits in the UART or behind it, and
+    // the kernel's 8250 driver has its receive and line-status interrupts on.
+    let console = &json(&api(&guest.api_socket, "GET", "/vm", "").1)["console"];
+    assert_eq!(
+        console["interrupt_enable"].as_u64().map(|ier| ier & 5),
+        Some(5),
+        "{console}"
+    );
+    assert_eq!(
+        (
+            &console["fifo"],
+            &console["pending_input"],
+            &console["break_in_fifo"]
+        ),
+        (&0.into(), &0.into(), &"None".into()),
+        "{console}"
+    );
     // Both vCPUs are online and running after the restore.
     guest.sysrq('l');
     guest.wait_for("NMI backtrace for cpu 1", T);

@@ -161,6 +161,11 @@ impl RunningVm {
             "pauses": self.pause_stats().count(),
             "pause_latency_us": self.pause_stats().summary(),
             "text_guard": self.text_guard_json(),
+            "console": self
+                .serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .receive_status(),
         })
     }
 }

@@ -124,6 +124,21 @@ const IIR_LINE_STATUS_FIFO: u8 = 0xc6;
 /// LSR: break interrupt.
 const LSR_BREAK: u8 = 0x10;
 
+/// The receive side of the UART (`GET /vm`'s `console`): a console that does not answer
+/// shows here whether the guest stopped reading (input waiting, interrupts off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ReceiveStatus {
+    /// IER as the guest set it (bit 0: received-data interrupt, bit 2: line status).
+    pub interrupt_enable: u8,
+    /// LSR as the guest would read it now, without a pending break.
+    pub line_status: u8,
+    /// Bytes in the receive FIFO.
+    pub fifo: usize,
+    /// Host input bytes waiting for room in the FIFO (or behind a break).
+    pub pending_input: usize,
+    pub break_in_fifo: Break,
+}
+
 /// Host input on its way to the receive FIFO, in the order it was sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Rx {
@@ -243,6 +258,19 @@ impl SerialDevice {
                     tracing::warn!("serial: cannot raise the break interrupt: {e}");
                 }
             }
+        }
+    }
+
+    /// Where the receive side stands, for the VM status: what the guest enabled and sees,
+    /// and what host input waits for it.
+    pub fn receive_status(&self) -> ReceiveStatus {
+        let s = self.uart.state();
+        ReceiveStatus {
+            interrupt_enable: s.interrupt_enable,
+            line_status: s.line_status,
+            fifo: s.in_buffer.len(),
+            pending_input: self.pending_input(),
+            break_in_fifo: self.brk,
         }
     }
 
