@@ -141,6 +141,10 @@ pub struct RunningVm {
     pub(crate) block: Option<Arc<Mutex<MmioTransport>>>,
     pub(crate) msr_indices: Arc<Vec<u32>>,
     pub(crate) snapshot_trigger: Option<SnapshotTrigger>,
+    /// Bundles to apply once their console line appears (`--boot-patch`).
+    pub(crate) boot_patches: Option<BootPatches>,
+    /// The boot patch being applied, and the ones after it.
+    pub(crate) boot_patching: Option<crate::patching::boot::BootPatching>,
     /// The control API, when serving one.
     pub(crate) api: Option<crate::api::server::ApiChannel>,
     pub(crate) name: String,
@@ -181,7 +185,7 @@ pub(crate) fn create_devices(
     exit: &Arc<ExitSignal>,
     event_manager: &mut SubscriberManager,
     saved: Option<(&SerialSnapshot, Option<&MmioSnapshot>)>,
-    watch: Option<LineWatch>,
+    watches: Vec<LineWatch>,
 ) -> Result<Devices, BuildError> {
     let mut io_bus = Bus::new();
     let mut mmio_bus = Bus::new();
@@ -191,7 +195,7 @@ pub(crate) fn create_devices(
         .map_err(kvm_err("cannot route the serial interrupt"))?;
     let rx_ready = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?);
     let sink = console::output_sink(console_cfg).map_err(io_err("console"))?;
-    let out = ConsoleOut::new(sink, exit.clone()).with_watch(watch);
+    let out = ConsoleOut::new(sink, exit.clone()).with_watches(watches);
     let serial = match saved {
         Some((snap, _)) => SerialDevice::restore(serial_irq, rx_ready.clone(), out, snap)
             .map_err(|e| BuildError::Restore(e.to_string()))?,
@@ -319,6 +323,8 @@ pub(crate) fn start(
         block,
         msr_indices,
         snapshot_trigger: None,
+        boot_patches: None,
+        boot_patching: None,
         api: None,
         name: String::new(),
         pause: Mutex::new(PauseControl::default()),
@@ -356,16 +362,39 @@ pub struct SnapshotTrigger {
     pub stop: bool,
 }
 
-/// Builds the VM described by `cfg` and starts its vCPUs.
-pub fn build_and_start(cfg: &VmConfig) -> Result<RunningVm, BuildError> {
-    build_and_start_with(cfg, None)
+/// Live-patch bundles applied while the guest boots (`vmm run --boot-patch`): when a
+/// console line contains the watched text (a restored VM, too). The vCPUs are
+/// held while the patcher loads the guest kernel (kallsyms, BTF, ORC), so the guest makes
+/// no progress between the line and the patch.
+#[derive(Debug, Clone)]
+pub struct BootPatches {
+    pub bundles: Vec<std::path::PathBuf>,
+    pub watch: LineWatch,
 }
 
-/// [`build_and_start`], snapshotting when `snapshot_trigger` fires.
-pub fn build_and_start_with(
-    cfg: &VmConfig,
-    snapshot_trigger: Option<&SnapshotTrigger>,
-) -> Result<RunningVm, BuildError> {
+/// What `vmm run` does by itself while the VM runs.
+#[derive(Debug, Clone, Default)]
+pub struct RunActions {
+    pub snapshot: Option<SnapshotTrigger>,
+    pub boot_patches: Option<BootPatches>,
+}
+
+impl RunActions {
+    /// The console lines these actions wait for.
+    pub(crate) fn watches(&self) -> Vec<LineWatch> {
+        let snapshot = self.snapshot.as_ref().map(|t| t.watch.clone());
+        let patches = self.boot_patches.as_ref().map(|b| b.watch.clone());
+        snapshot.into_iter().chain(patches).collect()
+    }
+}
+
+/// Builds the VM described by `cfg` and starts its vCPUs.
+pub fn build_and_start(cfg: &VmConfig) -> Result<RunningVm, BuildError> {
+    build_and_start_with(cfg, &RunActions::default())
+}
+
+/// [`build_and_start`], doing `actions` as the VM runs.
+pub fn build_and_start_with(cfg: &VmConfig, actions: &RunActions) -> Result<RunningVm, BuildError> {
     // Everything that can be checked without KVM is checked first, so bad input never
     // depends on the host.
     let files = boot_files(cfg)?;
@@ -438,7 +467,7 @@ pub fn build_and_start_with(
         &exit,
         &mut event_manager,
         None,
-        snapshot_trigger.map(|t| t.watch.clone()),
+        actions.watches(),
     )?;
     let mut virtio_acpi = Vec::new();
     if devices.block.is_some() {
@@ -554,7 +583,8 @@ pub fn build_and_start_with(
         machine,
         msr_indices,
     )?;
-    running.snapshot_trigger = snapshot_trigger.cloned();
+    running.snapshot_trigger = actions.snapshot.clone();
+    running.boot_patches = actions.boot_patches.clone();
     Ok(running)
 }
 
@@ -620,6 +650,7 @@ impl RunningVm {
             if let Some(reason) = self.poll_api() {
                 break reason;
             }
+            self.poll_boot_patches();
             self.poll_patch();
             // Wake for the next attempt of a patch transition in flight.
             let timeout = self.patch_due_in().map_or(100, |d| {

@@ -219,6 +219,16 @@ struct RunArgs {
     /// Stop the VM after the snapshot (exit status 0) instead of letting it run on.
     #[arg(long)]
     snapshot_stop: bool,
+    /// Apply this live-patch bundle while the guest boots, once --boot-patch-on's line
+    /// appears on the console (the vCPUs are held from the line to the patch).
+    /// Repeatable; applied in order.
+    #[arg(long)]
+    boot_patch: Vec<PathBuf>,
+    /// The console line (a part of it) at which --boot-patch bundles are applied. The
+    /// default is printed by the kernel just before it executes init, after its own
+    /// boot-time checks of the kernel page tables.
+    #[arg(long, default_value = "Run /init as init process")]
+    boot_patch_on: String,
     /// Attach the disk read-only.
     #[arg(long)]
     readonly: bool,
@@ -259,7 +269,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
     if !(0.0..=86400.0).contains(&args.snapshot_delay) {
         return Err("--snapshot-delay must be between 0 and 86400 seconds".into());
     }
-    let trigger = match (args.snapshot_on_output, args.snapshot_dir) {
+    let snapshot = match (args.snapshot_on_output, args.snapshot_dir) {
         (Some(needle), Some(dir)) => Some(vmm::builder::SnapshotTrigger {
             watch: vmm::devices::serial::LineWatch {
                 needle,
@@ -271,6 +281,22 @@ fn run(args: RunArgs) -> Result<i32, String> {
         }),
         _ => None,
     };
+    for b in &args.boot_patch {
+        if !b.is_file() {
+            return Err(format!("--boot-patch {}: no such bundle file", b.display()));
+        }
+    }
+    let boot_patches = (!args.boot_patch.is_empty()).then(|| vmm::builder::BootPatches {
+        bundles: args.boot_patch.clone(),
+        watch: vmm::devices::serial::LineWatch {
+            needle: args.boot_patch_on.clone(),
+            seen: Default::default(),
+        },
+    });
+    let actions = vmm::builder::RunActions {
+        snapshot,
+        boot_patches,
+    };
     if let Some(dir) = &args.restore {
         let socket = args.api.socket();
         ensure_socket_free(&socket)?;
@@ -278,7 +304,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
             dir,
             args.disk,
             &args.console,
-            trigger.as_ref(),
+            &actions,
         )
         .map_err(|e| e.to_string())?;
         vm.serve_api(&socket, &args.api.name)
@@ -311,8 +337,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
     };
     let socket = args.api.socket();
     ensure_socket_free(&socket)?;
-    let mut vm =
-        vmm::builder::build_and_start_with(&cfg, trigger.as_ref()).map_err(|e| e.to_string())?;
+    let mut vm = vmm::builder::build_and_start_with(&cfg, &actions).map_err(|e| e.to_string())?;
     vm.serve_api(&socket, &args.api.name)
         .map_err(|e| e.to_string())?;
     Ok(finish(vm))

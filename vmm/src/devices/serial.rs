@@ -52,7 +52,7 @@ pub struct ConsoleOut {
     sink: Box<dyn Write + Send>,
     line: Vec<u8>,
     exit: Arc<ExitSignal>,
-    watch: Option<LineWatch>,
+    watches: Vec<LineWatch>,
 }
 
 impl ConsoleOut {
@@ -61,13 +61,14 @@ impl ConsoleOut {
             sink,
             line: Vec::with_capacity(128),
             exit,
-            watch: None,
+            watches: Vec::new(),
         }
     }
 
-    /// Also raises `watch.seen` (and wakes the VMM thread) when a line contains its needle.
-    pub fn with_watch(mut self, watch: Option<LineWatch>) -> Self {
-        self.watch = watch;
+    /// Also raises each watch's `seen` (and wakes the VMM thread) when a line contains
+    /// its needle.
+    pub fn with_watches(mut self, watches: Vec<LineWatch>) -> Self {
+        self.watches = watches;
         self
     }
 
@@ -78,7 +79,7 @@ impl ConsoleOut {
                 if let Some(pos) = text.find(PANIC_MARKER) {
                     self.exit.note_panic(text[pos..].trim_end().to_string());
                 }
-                if let Some(w) = &self.watch {
+                for w in &self.watches {
                     if text.contains(&w.needle) {
                         w.seen.store(true, std::sync::atomic::Ordering::Release);
                         let _ = self.exit.eventfd().write(1);
@@ -488,6 +489,28 @@ mod tests {
                 "Kernel panic - not syncing: Attempted to kill init!".into()
             ))
         );
+    }
+
+    #[test]
+    fn each_watch_fires_on_its_own_line() {
+        use std::sync::atomic::Ordering;
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let watch = |needle: &str| LineWatch {
+            needle: needle.into(),
+            seen: Default::default(),
+        };
+        let (snap, patch) = (watch("Freeing unused"), watch("Run /init as init process"));
+        let mut out = ConsoleOut::new(Box::new(io::sink()), exit)
+            .with_watches(vec![snap.clone(), patch.clone()]);
+        out.write_all(b"[ 202.28] Freeing unused kernel image (initmem) memory: 2604K\r\n")
+            .unwrap();
+        assert!(snap.seen.load(Ordering::Acquire));
+        assert!(!patch.seen.load(Ordering::Acquire));
+        // A line split across writes still counts once it is complete.
+        out.write_all(b"[ 213.64] Run /init as").unwrap();
+        assert!(!patch.seen.load(Ordering::Acquire));
+        out.write_all(b" init process\r\n").unwrap();
+        assert!(patch.seen.load(Ordering::Acquire));
     }
 
     #[test]

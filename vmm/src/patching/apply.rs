@@ -51,7 +51,7 @@ pub struct PendingPatch {
 }
 
 impl RunningVm {
-    fn ensure_kernel_and_area(&mut self) -> Result<(), PatchError> {
+    pub(crate) fn ensure_kernel_and_area(&mut self) -> Result<(), PatchError> {
         self.guest_kernel().map_err(PatchError::Introspect)?;
         if self.patch_area.is_none() {
             let k = &self.kernel.as_ref().expect("loaded above").kernel;

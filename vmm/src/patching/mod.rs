@@ -3,4 +3,5 @@
 
 pub mod apply;
 pub mod area;
+pub mod boot;
 pub mod live;

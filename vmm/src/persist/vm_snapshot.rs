@@ -125,15 +125,16 @@ pub fn restore_and_start(
     disk: Option<PathBuf>,
     console: &ConsoleConfig,
 ) -> Result<RunningVm, BuildError> {
-    restore_and_start_with(dir, disk, console, None)
+    restore_and_start_with(dir, disk, console, &builder::RunActions::default())
 }
 
-/// [`restore_and_start`], snapshotting again when `snapshot_trigger` fires.
+/// [`restore_and_start`], doing `actions` as the VM runs (boot patches, too, wait for
+/// their console line).
 pub fn restore_and_start_with(
     dir: &Path,
     disk: Option<PathBuf>,
     console: &ConsoleConfig,
-    snapshot_trigger: Option<&builder::SnapshotTrigger>,
+    actions: &builder::RunActions,
 ) -> Result<RunningVm, BuildError> {
     let started = Instant::now();
     let restore_err = |e: SnapshotError| BuildError::Restore(e.to_string());
@@ -178,7 +179,7 @@ pub fn restore_and_start_with(
         &exit,
         &mut event_manager,
         Some((&snap.serial, snap.block.as_ref())),
-        snapshot_trigger.map(|t| t.watch.clone()),
+        actions.watches(),
     )?;
 
     vcpu::install_kick_handler()?;
@@ -246,7 +247,8 @@ pub fn restore_and_start_with(
         machine,
         msr_indices,
     )?;
-    running.snapshot_trigger = snapshot_trigger.cloned();
+    running.snapshot_trigger = actions.snapshot.clone();
+    running.boot_patches = actions.boot_patches.clone();
     running.preload_guest_kernel();
     progress(&format!(
         "restored {} ({} vCPU{}, {} MiB): vCPUs running {:.1} ms after the restore began",
