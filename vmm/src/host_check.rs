@@ -57,7 +57,8 @@ impl UserSyscall {
             }
             UserSyscall::StaysInUserMode => {
                 "SYSCALL from guest user mode does not enter kernel mode \
-                 (this KVM jumps to LSTAR at CPL 3): guest user space dies at its first system call"
+                 (this KVM jumps to LSTAR at CPL 3): guest user space dies at its first system call \
+                 unless the pvm-syscall live patch completes it (vmm run --boot-patch)"
                     .into()
             }
             UserSyscall::Inconclusive(why) => format!("SYSCALL probe inconclusive: {why}"),

@@ -309,7 +309,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
         .map_err(|e| e.to_string())?;
         vm.serve_api(&socket, &args.api.name)
             .map_err(|e| e.to_string())?;
-        return Ok(finish(vm));
+        return Ok(finish(vm, !args.boot_patch.is_empty()));
     }
     let (cpus, memory_mib) =
         VmConfig::validate(args.cpus, args.memory).map_err(|e| e.to_string())?;
@@ -340,7 +340,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
     let mut vm = vmm::builder::build_and_start_with(&cfg, &actions).map_err(|e| e.to_string())?;
     vm.serve_api(&socket, &args.api.name)
         .map_err(|e| e.to_string())?;
-    Ok(finish(vm))
+    Ok(finish(vm, !args.boot_patch.is_empty()))
 }
 
 /// Refuses, before anything starts, a socket another running VM answers on.
@@ -477,8 +477,8 @@ fn patch(args: PatchArgs) -> Result<i32, String> {
 }
 
 /// Runs the VM to its end and reports why it ended.
-fn finish(vm: vmm::builder::RunningVm) -> i32 {
-    warn_about_host_limits();
+fn finish(vm: vmm::builder::RunningVm, boot_patched: bool) -> i32 {
+    warn_about_host_limits(boot_patched);
     let reason = vm.run_until_exit();
     if let Some(msg) = reason.message() {
         eprintln!("vmm: {msg}");
@@ -486,13 +486,18 @@ fn finish(vm: vmm::builder::RunningVm) -> i32 {
     reason.exit_code()
 }
 
-/// One warning line when this host's KVM cannot run guest user space (see docs/pvm.md).
-fn warn_about_host_limits() {
+/// One warning line when this host's KVM cannot run guest user space (see docs/pvm.md)
+/// and no boot patch was given to make up for it.
+fn warn_about_host_limits(boot_patched: bool) {
     let Ok(kvm) = vmm::vstate::vm::open_kvm() else {
         return; // building the VM reports the real error
     };
     match probe_user_syscall(&kvm) {
         Ok(UserSyscall::EntersKernel) => {}
+        Ok(UserSyscall::StaysInUserMode) if boot_patched => eprintln!(
+            "vmm: this KVM does not enter guest kernel mode on SYSCALL; guest user space relies \
+             on the --boot-patch bundles (docs/pvm.md)"
+        ),
         Ok(other) => eprintln!("vmm: warning: {} (docs/pvm.md)", other.describe()),
         Err(e) => tracing::warn!("host check failed: {e}"),
     }
