@@ -156,6 +156,11 @@ pub fn symbolize(
     if !in_core_text && modules.module_at(ip).is_some() {
         return modules.symbolize(ip).unwrap_or_else(|| format!("{ip:#x}"));
     }
+    // Past the kernel image (`_end`; a live patch's code, say) no kallsyms symbol covers
+    // an address: the kernel prints it bare, and so does this.
+    if symbols.lookup("_end", None).is_ok_and(|end| ip >= end.addr) {
+        return format!("{ip:#x}");
+    }
     match symbols.symbolize(ip) {
         Some((s, off)) => format!("{}+{off:#x}/{:#x}", s.name, s.size),
         None => format!("{ip:#x}"),
@@ -356,5 +361,40 @@ impl Unwinder<'_> {
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kallsyms::Symbol;
+    use crate::virt::SparseMemory;
+
+    #[test]
+    fn addresses_past_the_image_are_printed_bare() {
+        let sym = |addr: u64, name: &str| Symbol {
+            addr,
+            kind: 't',
+            name: name.into(),
+            size: 0,
+            sympos: 0,
+        };
+        let symbols = SymbolTable::new(vec![
+            sym(0xffff_ffff_8100_0000, "_stext"),
+            sym(0xffff_ffff_8100_0100, "ksys_read"),
+            sym(0xffff_ffff_8300_0000, "__init_scratch_begin"),
+            sym(0xffff_ffff_8340_0000, "_end"),
+        ]);
+        let mem = SparseMemory::default();
+        let modules = LazyModules::new(&mem, None);
+        assert_eq!(
+            symbolize(&symbols, true, &modules, 0xffff_ffff_8100_0110),
+            "ksys_read+0x10/0x1ffff00"
+        );
+        // A live patch's code, just past the image: no symbol covers it.
+        assert_eq!(
+            symbolize(&symbols, false, &modules, 0xffff_ffff_8360_10a9),
+            "0xffffffff836010a9"
+        );
     }
 }
