@@ -288,6 +288,8 @@ impl Drop for Guest {
         for f in &self.owned {
             let _ = std::fs::remove_file(f);
         }
+        // The socket path `start` made for this guest (unused when the test gave its own).
+        let _ = std::fs::remove_file(&self.api_socket);
     }
 }
 
