@@ -372,13 +372,7 @@ mod tests {
 
     #[test]
     fn addresses_past_the_image_are_printed_bare() {
-        let sym = |addr: u64, name: &str| Symbol {
-            addr,
-            kind: 't',
-            name: name.into(),
-            size: 0,
-            sympos: 0,
-        };
+        let sym = Symbol::text;
         let symbols = SymbolTable::new(vec![
             sym(0xffff_ffff_8100_0000, "_stext"),
             sym(0xffff_ffff_8100_0100, "ksys_read"),

@@ -78,6 +78,20 @@ pub enum LookupError {
     },
 }
 
+#[cfg(test)]
+impl Symbol {
+    /// A local text symbol (`t`) for tests; the table fills in size and sympos.
+    pub(crate) fn text(addr: u64, name: &str) -> Self {
+        Symbol {
+            addr,
+            kind: 't',
+            name: name.into(),
+            size: 0,
+            sympos: 0,
+        }
+    }
+}
+
 /// The decoded table with O(1) name and O(log n) address lookups.
 #[derive(Debug, Clone)]
 pub struct SymbolTable {
@@ -461,13 +475,7 @@ mod tests {
 
     #[test]
     fn sizes_skip_symbols_at_the_same_address() {
-        let sym = |addr: u64, name: &str| Symbol {
-            addr,
-            kind: 't',
-            name: name.into(),
-            size: 0,
-            sympos: 0,
-        };
+        let sym = Symbol::text;
         let t = SymbolTable::new(vec![
             sym(0x30, "last"),
             sym(0x10, "alias_a"),

@@ -463,6 +463,17 @@ mod tests {
         }
     }
 
+    /// A device restored from `snap`, on fresh host-side ends.
+    fn restore(snap: &SerialSnapshot) -> Result<SerialDevice, SerialSnapshotError> {
+        let (_, out, exit, rx) = device();
+        SerialDevice::restore(
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            rx,
+            ConsoleOut::new(Box::new(out), exit),
+            snap,
+        )
+    }
+
     fn device() -> (SerialDevice, Shared, Arc<ExitSignal>, Arc<EventFd>) {
         let out = Shared::default();
         let exit = Arc::new(ExitSignal::new().unwrap());
@@ -524,14 +535,7 @@ mod tests {
         assert_eq!(snap.fifo.len(), 64);
         assert_eq!(snap.pending_input.len(), 36);
 
-        let (_, out, exit, rx) = device();
-        let mut restored = SerialDevice::restore(
-            EventFd::new(EFD_NONBLOCK).unwrap(),
-            rx,
-            ConsoleOut::new(Box::new(out), exit),
-            &snap,
-        )
-        .unwrap();
+        let mut restored = restore(&snap).unwrap();
         assert_eq!(restored.save_state(), snap);
         let mut b = [0u8];
         restored.read(7, &mut b);
@@ -541,16 +545,10 @@ mod tests {
 
         let mut bad = snap.clone();
         bad.fifo = vec![0; 65];
-        let (_, out, exit, rx) = device();
-        let err = SerialDevice::restore(
-            EventFd::new(EFD_NONBLOCK).unwrap(),
-            rx,
-            ConsoleOut::new(Box::new(out), exit),
-            &bad,
-        )
-        .err()
-        .expect("an over-full FIFO is refused")
-        .to_string();
+        let err = restore(&bad)
+            .err()
+            .expect("an over-full FIFO is refused")
+            .to_string();
         assert!(err.contains("serial snapshot"), "{err}");
     }
 
@@ -705,14 +703,7 @@ mod tests {
         assert_eq!(snap.pending_input, b"hl");
         assert_eq!(snap.pending_breaks, [1, 2]);
 
-        let (_, out, exit, rx) = device();
-        let mut restored = SerialDevice::restore(
-            EventFd::new(EFD_NONBLOCK).unwrap(),
-            rx,
-            ConsoleOut::new(Box::new(out), exit),
-            &snap,
-        )
-        .unwrap();
+        let mut restored = restore(&snap).unwrap();
         assert_eq!(restored.save_state(), snap);
         let mut linux = Linux8250::default();
         for _ in 0..4 {
@@ -724,14 +715,7 @@ mod tests {
 
         let mut bad = snap.clone();
         bad.pending_breaks = vec![3];
-        let (_, out, exit, rx) = device();
-        assert!(SerialDevice::restore(
-            EventFd::new(EFD_NONBLOCK).unwrap(),
-            rx,
-            ConsoleOut::new(Box::new(out), exit),
-            &bad,
-        )
-        .is_err());
+        assert!(restore(&bad).is_err());
     }
 
     /// Random host input, breaks, guest register accesses, flow-control wake-ups and
@@ -788,14 +772,7 @@ mod tests {
                     }
                     8 => {
                         let snap = dev.save_state();
-                        let (_, out, exit, rx) = device();
-                        dev = SerialDevice::restore(
-                            EventFd::new(EFD_NONBLOCK).unwrap(),
-                            rx,
-                            ConsoleOut::new(Box::new(out), exit),
-                            &snap,
-                        )
-                        .unwrap();
+                        dev = restore(&snap).unwrap();
                         assert_eq!(dev.save_state(), snap);
                     }
                     _ => {}
