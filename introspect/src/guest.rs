@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::btf::{Btf, BtfError};
 use crate::cpu::{CpuRegs, Vcpus};
+use crate::host_code::HostCode;
 use crate::kernel::{KallsymsFrom, Kernel, KernelError};
 use crate::memory::{GuestPhysMemory, MemError};
 use crate::modules::{self, LazyModules, Module, ModuleError, ModuleLayout};
@@ -59,6 +60,8 @@ pub struct GuestKernel {
     trampolines: Vec<u64>,
     /// The `modules` list head and `struct module`'s layout, or why they are unknown.
     module_list: Result<(u64, ModuleLayout), String>,
+    /// Code the host placed in the guest ([`GuestKernel::set_host_code`]).
+    host_code: Vec<HostCode>,
 }
 
 /// One task and its kernel stack trace.
@@ -175,6 +178,7 @@ impl GuestKernel {
         };
         Ok(GuestKernel {
             module_list,
+            host_code: Vec::new(),
             ret_from_fork: sym("ret_from_fork")?,
             trampolines,
             kernel,
@@ -223,7 +227,25 @@ impl GuestKernel {
     pub fn symbolize(&self, mem: &dyn GuestPhysMemory, addr: u64) -> String {
         let in_core = stacks::in_ranges(&self.text, addr);
         let v = self.virt(mem);
-        stacks::symbolize(&self.kernel.symbols, in_core, &self.lazy_modules(&v), addr)
+        stacks::symbolize(
+            &self.kernel.symbols,
+            in_core,
+            &self.lazy_modules(&v),
+            &self.host_code,
+            addr,
+        )
+    }
+
+    /// Tells the unwinder and the symbolizer about code the host placed in the guest
+    /// (the applied live-patch bundles): its text counts as kernel text with its own ORC
+    /// table, as a livepatch module's does in the kernel.
+    pub fn set_host_code(&mut self, code: Vec<HostCode>) {
+        self.host_code = code;
+    }
+
+    /// The host-placed code regions in force.
+    pub fn host_code(&self) -> &[HostCode] {
+        &self.host_code
     }
 
     /// Kernel virtual memory through the kernel's page tables.
@@ -363,6 +385,7 @@ impl GuestKernel {
             percpu_offsets,
             cpu_stacks: &self.cpu_stacks,
             modules: self.lazy_modules(v),
+            host_code: &self.host_code,
             symbolize,
         }
     }

@@ -5,6 +5,7 @@
 pub mod btf;
 pub mod cpu;
 pub mod guest;
+pub mod host_code;
 pub mod kallsyms;
 pub mod kernel;
 pub mod memory;

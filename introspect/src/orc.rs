@@ -208,6 +208,20 @@ impl OrcTable {
         })
     }
 
+    /// Builds the table from already-decoded rows (absolute ip, entry), at most
+    /// [`MAX_ORC_ENTRIES`] of them; sorted stably by ip like [`OrcTable::from_raw`].
+    pub fn from_rows(mut rows: Vec<(u64, OrcEntry)>) -> OrcTable {
+        rows.truncate(MAX_ORC_ENTRIES);
+        rows.sort_by_key(|&(ip, _)| ip);
+        let (ips, entries): (Vec<u64>, Vec<OrcEntry>) = rows.into_iter().unzip();
+        let blocks = lookup_blocks(&ips);
+        OrcTable {
+            ips,
+            entries,
+            blocks,
+        }
+    }
+
     /// The entry covering `ip`: the one with the greatest start address ≤ `ip` (the last
     /// of equal ones). `None` below the first entry or for an empty table.
     pub fn find(&self, ip: u64) -> Option<OrcEntry> {

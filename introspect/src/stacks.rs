@@ -3,6 +3,7 @@
 //! the symbolized, reliability-judged ORC trace (guest-introspection.md §4.3–§5.5).
 
 use crate::cpu::CpuRegs;
+use crate::host_code::{region_at, HostCode};
 use crate::kallsyms::SymbolTable;
 use crate::modules::LazyModules;
 use crate::orc::{
@@ -49,6 +50,8 @@ pub struct Unwinder<'a> {
     pub cpu_stacks: &'a CpuStackLayout,
     /// Module text, ORC tables and symbols, read when a trace first leaves vmlinux.
     pub modules: LazyModules<'a>,
+    /// Code the host placed in the guest (live-patch bundles), with its ORC.
+    pub host_code: &'a [HostCode],
     /// Symbolize every frame ([`TaskTrace::symbols`]); a live patch's check does not
     /// (it symbolizes only the frames of a task that blocks it).
     pub symbolize: bool,
@@ -56,12 +59,14 @@ pub struct Unwinder<'a> {
 
 impl CodeMap for Unwinder<'_> {
     fn is_text(&self, ip: u64) -> bool {
-        self.is_core_text(ip) || self.modules.is_text(ip)
+        self.is_core_text(ip) || region_at(self.host_code, ip).is_some() || self.modules.is_text(ip)
     }
 
     fn orc(&self, ip: u64) -> Option<OrcEntry> {
         if self.is_core_text(ip) {
             self.orc.find(ip)
+        } else if let Some(code) = region_at(self.host_code, ip) {
+            code.orc(ip)
         } else {
             self.modules.orc(ip)
         }
@@ -151,8 +156,12 @@ pub fn symbolize(
     symbols: &SymbolTable,
     in_core_text: bool,
     modules: &LazyModules<'_>,
+    host_code: &[HostCode],
     ip: u64,
 ) -> String {
+    if let Some(code) = region_at(host_code, ip).filter(|_| !in_core_text) {
+        return code.symbolize(ip).unwrap_or_else(|| format!("{ip:#x}"));
+    }
     if !in_core_text && modules.module_at(ip).is_some() {
         return modules.symbolize(ip).unwrap_or_else(|| format!("{ip:#x}"));
     }
@@ -341,7 +350,13 @@ impl Unwinder<'_> {
     /// `function+0xoff/0xsize`, as `/proc/PID/stack` prints it; in module text,
     /// `function+0xoff/0xsize [module]`.
     pub fn symbolize(&self, ip: u64) -> String {
-        symbolize(self.symbols, self.is_core_text(ip), &self.modules, ip)
+        symbolize(
+            self.symbols,
+            self.is_core_text(ip),
+            &self.modules,
+            self.host_code,
+            ip,
+        )
     }
 
     /// Every 8-byte word of `range` (for the conservative scan).
@@ -382,13 +397,25 @@ mod tests {
         let mem = SparseMemory::default();
         let modules = LazyModules::new(&mem, None);
         assert_eq!(
-            symbolize(&symbols, true, &modules, 0xffff_ffff_8100_0110),
+            symbolize(&symbols, true, &modules, &[], 0xffff_ffff_8100_0110),
             "ksys_read+0x10/0x1ffff00"
         );
-        // A live patch's code, just past the image: no symbol covers it.
+        // A live patch's code, just past the image: no kallsyms symbol covers it.
         assert_eq!(
-            symbolize(&symbols, false, &modules, 0xffff_ffff_8360_10a9),
+            symbolize(&symbols, false, &modules, &[], 0xffff_ffff_8360_10a9),
             "0xffffffff836010a9"
+        );
+        // Unless the host says whose code it is.
+        let patch = HostCode::new(
+            "fix",
+            0xffff_ffff_8360_0000,
+            0xffff_ffff_8360_2000,
+            &[],
+            [("new_read".to_string(), 0xffff_ffff_8360_1000, 0x100)],
+        );
+        assert_eq!(
+            symbolize(&symbols, false, &modules, &[patch], 0xffff_ffff_8360_10a9),
+            "new_read+0xa9/0x100 [fix]"
         );
     }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::linker::PatchCode;
 use crate::manifest::{Manifest, State};
 use crate::redirect::{self, RedirectError, SiteWrite, SITE_LEN};
 use crate::system_state::{self, ReadData, ResolvedAction, StatePlan, StateRecord};
@@ -100,6 +101,10 @@ pub struct BundleRecord {
     /// its memory is never released (the kernel keeps a forced patch's module loaded).
     #[serde(default)]
     pub pinned: bool,
+    /// Its code as an unwinder sees it (text range, ORC rows, functions), while its memory
+    /// is held.
+    #[serde(default)]
+    pub code: Option<PatchCode>,
 }
 
 /// A bundle's linked images in the patch area: `size` bytes from `base`.
@@ -242,6 +247,27 @@ impl Ledger {
         }
     }
 
+    /// Records the code of the applied bundle `name` (see [`Ledger::patch_code`]).
+    pub fn set_code(&mut self, name: &str, code: PatchCode) {
+        if let Some(b) = self
+            .bundles
+            .iter_mut()
+            .rev()
+            .find(|b| b.name == name && b.memory.is_some())
+        {
+            b.code = Some(code);
+        }
+    }
+
+    /// The code of every bundle whose memory is held (applied, or disabled but pinned):
+    /// code a task may be running or sleeping in. (bundle name, code).
+    pub fn patch_code(&self) -> impl Iterator<Item = (&str, &PatchCode)> {
+        self.bundles
+            .iter()
+            .filter(|b| b.memory.is_some())
+            .filter_map(|b| Some((b.name.as_str(), b.code.as_ref()?)))
+    }
+
     /// Releases the memory of bundle records that no longer run, unless pinned, and
     /// logs it. Returns what was released, for the caller to clear.
     fn release_retired(&mut self, names: &[String]) -> Vec<PatchMemory> {
@@ -266,6 +292,7 @@ impl Ledger {
                 continue;
             }
             b.memory = None;
+            b.code = None;
             released.push(m);
             notes.push((
                 b.name.clone(),
@@ -545,6 +572,7 @@ impl Ledger {
             actions: transition.actions.clone(),
             memory,
             pinned: forced,
+            code: None,
         });
         for state in &manifest.states {
             let previous = self
@@ -818,10 +846,19 @@ mod tests {
             l.plan_apply(&m, &f, |s| text.get(s)),
             Err(LedgerError::AlreadyApplied("a".into()))
         );
+        // Its code, for unwinders, while its memory is held.
+        let code = PatchCode {
+            text: (f[0].new_addr, f[0].new_addr + 0x40),
+            orc: vec![(f[0].new_addr, [8, 0, 0, 0, 5, 0])],
+            functions: vec![("new".into(), f[0].new_addr, 0x40)],
+        };
+        l.set_code("a", code.clone());
+        assert_eq!(l.patch_code().collect::<Vec<_>>(), vec![("a", &code)]);
         let t = l.plan_disable("a", |s| text.get(s)).unwrap();
         assert_eq!(t.busy_ranges[0].0, f[0].new_addr);
         text.apply(&t);
         l.commit_disable("a", false);
+        assert_eq!(l.patch_code().count(), 0, "released with its memory");
         assert_eq!(text.get(CMDLINE), NOP5);
         assert_eq!(l.bundles()[0].status, BundleStatus::Disabled);
         assert!(matches!(

@@ -79,6 +79,21 @@ pub struct LinkedPatch {
     pub functions: HashMap<String, (u64, u64)>,
     /// Kernel symbols the patch refers to, resolved.
     pub imports: Vec<(String, u64)>,
+    /// The object's ORC rows (from objtool's `.orc_unwind_ip` and `.orc_unwind`), with
+    /// absolute ips in the text image: how an unwinder steps through the patch's code.
+    pub orc: Vec<(u64, [u8; ORC_ENTRY_SIZE])>,
+}
+
+/// Bytes of one ORC entry (the kernel's 6.1 `struct orc_entry`).
+pub const ORC_ENTRY_SIZE: usize = 6;
+
+/// What an unwinder needs to know about a loaded patch's code: where its text is, its ORC
+/// rows and its functions (name, address, size).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PatchCode {
+    pub text: (u64, u64),
+    pub orc: Vec<(u64, [u8; ORC_ENTRY_SIZE])>,
+    pub functions: Vec<(String, u64, u64)>,
 }
 
 impl LinkedPatch {
@@ -86,6 +101,80 @@ impl LinkedPatch {
     pub fn size(&self) -> u64 {
         self.data_addr + round_up(self.data.len() as u64) - self.base
     }
+
+    /// The patch's code as an unwinder sees it.
+    pub fn code(&self) -> PatchCode {
+        let mut functions: Vec<(String, u64, u64)> = self
+            .functions
+            .iter()
+            .map(|(name, &(addr, size))| (name.clone(), addr, size))
+            .collect();
+        functions.sort_by_key(|f| f.1);
+        PatchCode {
+            text: (self.text_addr, self.text_addr + self.text.len() as u64),
+            orc: self.orc.clone(),
+            functions,
+        }
+    }
+}
+
+/// The ORC rows of a linked object: each `.orc_unwind_ip` entry (a 32-bit offset from
+/// itself, already relocated in the rodata image) with its `.orc_unwind` entry. An object
+/// without them (built without objtool) has none; tables that disagree in size, or an ip
+/// outside the text image, make the object malformed.
+fn orc_rows(
+    file: &object::File<'_>,
+    offsets: &HashMap<SectionIndex, (Region, u64)>,
+    rodata: &[u8],
+    rodata_addr: u64,
+    text: (u64, u64),
+) -> Result<Vec<(u64, [u8; ORC_ENTRY_SIZE])>, LinkError> {
+    let placed = |name: &str| -> Option<(usize, usize)> {
+        let section = file.section_by_name(name)?;
+        let &(region, off) = offsets.get(&section.index())?;
+        (region == Region::Rodata).then_some((off as usize, section.size() as usize))
+    };
+    let (Some((ip_off, ip_len)), Some((e_off, e_len))) =
+        (placed(".orc_unwind_ip"), placed(".orc_unwind"))
+    else {
+        return Ok(Vec::new());
+    };
+    let bad = |what: String| LinkError::Format(format!("ORC tables: {what}"));
+    let n = ip_len / 4;
+    if n * 4 != ip_len || e_len != n * ORC_ENTRY_SIZE {
+        return Err(bad(format!(
+            "{ip_len} bytes of ips do not match {e_len} bytes of entries"
+        )));
+    }
+    let ips = ip_off
+        .checked_add(ip_len)
+        .and_then(|end| rodata.get(ip_off..end))
+        .ok_or_else(|| bad("ip table outside the image".into()))?;
+    let entries = e_off
+        .checked_add(e_len)
+        .and_then(|end| rodata.get(e_off..end))
+        .ok_or_else(|| bad("entry table outside the image".into()))?;
+    let mut rows = Vec::with_capacity(n);
+    for (i, (ip, e)) in ips
+        .chunks_exact(4)
+        .zip(entries.chunks_exact(ORC_ENTRY_SIZE))
+        .enumerate()
+    {
+        let rel = i32::from_le_bytes([ip[0], ip[1], ip[2], ip[3]]);
+        let place = rodata_addr + (ip_off + i * 4) as u64;
+        let addr = place.wrapping_add_signed(i64::from(rel));
+        // objtool ends each text section with a terminator row at its end address.
+        if addr < text.0 || addr > text.1 {
+            return Err(bad(format!(
+                "entry {i} is for {addr:#x}, outside the text {:#x}..{:#x}",
+                text.0, text.1
+            )));
+        }
+        let mut raw = [0u8; ORC_ENTRY_SIZE];
+        raw.copy_from_slice(e);
+        rows.push((addr, raw));
+    }
+    Ok(rows)
 }
 
 fn round_up(v: u64) -> u64 {
@@ -345,6 +434,13 @@ pub fn link(
             }
         }
     }
+    let orc = orc_rows(
+        &file,
+        &offsets,
+        &images[1],
+        rodata_addr,
+        (text_addr, text_addr + sizes[0]),
+    )?;
     let [text, rodata, data] = images;
     Ok(LinkedPatch {
         base,
@@ -356,6 +452,7 @@ pub fn link(
         data_addr,
         functions,
         imports,
+        orc,
     })
 }
 
@@ -520,5 +617,84 @@ mod tests {
             link(&obj, BASE, 4096, &kallsyms(), &HashMap::new()),
             Err(LinkError::TooBig { .. })
         ));
+    }
+
+    /// An object with objtool-style ORC tables (written by hand here: rows for `new_fn`
+    /// and for 4 bytes into it).
+    fn orc_source(ips: &str, entries: &str) -> String {
+        format!(
+            "int new_fn(int x) {{ return x * 3 + 1; }}\n\
+             __asm__(\".pushsection .orc_unwind_ip,\\\"a\\\"\\n{ips}.popsection\\n\"\n\
+             \".pushsection .orc_unwind,\\\"a\\\"\\n{entries}.popsection\\n\");\n"
+        )
+    }
+
+    #[test]
+    fn carries_the_objects_orc_rows_with_absolute_ips() {
+        let src = orc_source(
+            ".long new_fn - .\\n.long new_fn + 4 - .\\n",
+            ".short 8, 0, 0x0005\\n.short 16, 0, 0x0005\\n",
+        );
+        let p = link(
+            &compile("orc", &src),
+            BASE,
+            1 << 20,
+            &kallsyms(),
+            &HashMap::new(),
+        )
+        .unwrap();
+        let (addr, _) = p.functions["new_fn"];
+        assert_eq!(
+            p.orc,
+            vec![(addr, [8, 0, 0, 0, 5, 0]), (addr + 4, [16, 0, 0, 0, 5, 0])]
+        );
+        let code = p.code();
+        assert_eq!(code.text, (p.text_addr, p.text_addr + p.text.len() as u64));
+        assert_eq!(code.orc, p.orc);
+        assert!(code
+            .functions
+            .iter()
+            .any(|f| f.0 == "new_fn" && f.1 == addr));
+        // Without the tables (no objtool), there are no rows.
+        let plain = link(
+            &compile("no-orc", SRC),
+            BASE,
+            1 << 20,
+            &kallsyms(),
+            &HashMap::new(),
+        );
+        assert!(plain.unwrap().orc.is_empty());
+    }
+
+    #[test]
+    fn refuses_orc_tables_that_disagree_or_point_outside_the_text() {
+        let short = orc_source(
+            ".long new_fn - .\\n.long new_fn + 4 - .\\n",
+            ".short 8, 0, 0x0005\\n",
+        );
+        let err = link(
+            &compile("orc-short", &short),
+            BASE,
+            1 << 20,
+            &kallsyms(),
+            &HashMap::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("ORC tables") && err.contains("do not match"),
+            "{err}"
+        );
+        let outside = orc_source(".long new_fn + 0x10000 - .\\n", ".short 8, 0, 0x0005\\n");
+        let err = link(
+            &compile("orc-out", &outside),
+            BASE,
+            1 << 20,
+            &kallsyms(),
+            &HashMap::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("outside the text"), "{err}");
     }
 }

@@ -400,6 +400,9 @@ impl InFlight {
             Work::Apply(p) => {
                 let released =
                     ledger.commit_apply(&p.manifest, &p.digest, &p.resolved, t, p.memory, force);
+                if p.memory.is_some() {
+                    ledger.set_code(&p.manifest.name, p.linked.code());
+                }
                 clear_released(target, ledger, released);
                 Completed::Applied(p.linked)
             }

@@ -425,3 +425,57 @@ fn a_replacement_calls_static_functions_and_reads_globals_and_per_cpu_data() {
     assert!(pages > 1000 && pages <= 512 * 256, "{line}");
     assert_eq!(field("= "), 0x1000, "{line}");
 }
+
+/// A task whose stack runs through a bundle's own code: the host unwinds that code with the
+/// bundle's ORC rows, so the task's trace is reliable and names the patch's frames
+/// (`function+0xoff/0xsize [bundle]`); and disabling the bundle waits for the task, which
+/// the report names from that reliable trace (no conservative scan).
+#[test]
+fn a_task_sleeping_in_patch_code_has_a_reliable_trace_and_holds_off_the_disable() {
+    let bundle = build_bundle("patch-sleeper", "livepatch_patch_sleeper.c");
+    let mut guest = restore_fixture("sleeper");
+    let s = guest.api_socket.clone();
+    let (status, body) = put_patch(&s, &bundle, "");
+    assert_eq!(status, 200, "{body}");
+    guest.sysrq('n');
+    let out = guest.wait_for("sleeps in the live patch", T);
+    let pid: i32 = out
+        .lines()
+        .find_map(|l| l.split("patch-sleeper: pid ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {out:?}"));
+    // Let it reach its sleep.
+    std::thread::sleep(Duration::from_secs(3));
+
+    let socket = s.display().to_string();
+    let st = integration_tests::vmm_ok(&["stack", &pid.to_string(), "--api-socket", &socket], T);
+    assert_eq!(st.lines().last(), Some("reliable"), "{st}");
+    let frames: Vec<&str> = st.lines().filter(|l| l.starts_with("[<0>]")).collect();
+    assert!(
+        frames
+            .iter()
+            .any(|f| f.contains("patch_sleeper_loop+") && f.ends_with(" [patch-sleeper]")),
+        "{st}"
+    );
+    assert!(
+        frames.iter().any(|f| f.contains("schedule_timeout")),
+        "{st}"
+    );
+    assert!(
+        frames.last().is_some_and(|f| f.contains("ret_from_fork")),
+        "{st}"
+    );
+
+    // Its code is in use: the disable is refused at the deadline, naming the task.
+    let (status, body) = disable_patch(&s, "patch-sleeper");
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body.contains(&format!("pid {pid} (patch-sleeper)")),
+        "{body}"
+    );
+    assert!(body.contains("[patch-sleeper]"), "{body}");
+    assert!(!body.contains("unreliable"), "{body}");
+    let list = json(&api(&s, "GET", "/patches", "").1);
+    assert_eq!(list["bundles"][0]["status"], "enabled", "{list}");
+}

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use introspect::cpu::{CpuRegs, Vcpus};
 use introspect::guest::{GuestError, GuestKernel, TaskStackTrace};
+use introspect::host_code::HostCode;
 use introspect::kallsyms::{LookupError, Symbol, SymbolTable};
 use introspect::memory::{FileMemory, GuestPhysMemory, MemError};
 use introspect::modules::{Module, ModuleCode, ModuleSymbol};
@@ -82,6 +83,24 @@ fn regs_of(regs: &kvm_regs, sregs: &kvm_sregs, kernel_gs_base: u64) -> CpuRegs {
 pub struct SnapshotView {
     pub memory: FileMemory,
     pub regs: Vec<CpuRegs>,
+    /// The code of the live patches applied when the snapshot was taken.
+    pub host_code: Vec<HostCode>,
+}
+
+/// The code of the applied live-patch bundles, for the unwinder and the symbolizer.
+pub fn host_code(ledger: &patcher::ledger::Ledger) -> Vec<HostCode> {
+    ledger
+        .patch_code()
+        .map(|(name, code)| {
+            HostCode::new(
+                name,
+                code.text.0,
+                code.text.1,
+                &code.orc,
+                code.functions.iter().cloned(),
+            )
+        })
+        .collect()
 }
 
 impl SnapshotView {
@@ -93,6 +112,11 @@ impl SnapshotView {
         Ok(SnapshotView {
             memory,
             regs: snap.vcpus.iter().map(cpu_regs).collect(),
+            host_code: snap
+                .live_patch
+                .as_ref()
+                .map(|lp| host_code(&lp.ledger))
+                .unwrap_or_default(),
         })
     }
 }
@@ -280,8 +304,11 @@ impl RunningVm {
                 .map_err(|e| format!("cannot find the guest kernel in memory: {e}"))?;
             self.kernel = Some(gk);
         }
-        Ok(self.kernel.as_ref().expect("loaded above"))
+        let gk = self.kernel.as_mut().expect("loaded above");
+        gk.set_host_code(host_code(&self.ledger));
+        Ok(gk)
     }
+
 
     /// `GET /tasks`: pauses the vCPUs for the walk (unless already paused).
     pub fn tasks_json(&mut self, stacks: bool) -> Result<Value, String> {

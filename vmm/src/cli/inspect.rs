@@ -88,6 +88,7 @@ pub struct Offline {
     kallsyms: KallsymsFrom,
     memory: Box<dyn GuestPhysMemory>,
     regs: Vec<CpuRegs>,
+    host_code: Vec<introspect::host_code::HostCode>,
 }
 
 impl Source {
@@ -107,6 +108,7 @@ impl Source {
                 name: dir.display().to_string(),
                 memory: Box::new(view.memory),
                 regs: view.regs,
+                host_code: view.host_code,
             }));
         }
         if let Some(file) = &self.dump {
@@ -119,6 +121,7 @@ impl Source {
                 name: file.display().to_string(),
                 memory: Box::new(memory),
                 regs: Vec::new(),
+                host_code: Vec::new(),
             }));
         }
         Ok(None)
@@ -127,8 +130,10 @@ impl Source {
 
 impl Offline {
     fn guest_kernel(&self) -> Result<GuestKernel, String> {
-        GuestKernel::load_with(self.memory.as_ref(), self.kallsyms)
-            .map_err(|e| format!("{}: {e}", self.name))
+        let mut gk = GuestKernel::load_with(self.memory.as_ref(), self.kallsyms)
+            .map_err(|e| format!("{}: {e}", self.name))?;
+        gk.set_host_code(self.host_code.clone());
+        Ok(gk)
     }
 }
 

@@ -74,6 +74,11 @@ impl RunningVm {
         &mut self,
         f: impl FnOnce(&mut LiveTarget<'_>, &mut patcher::ledger::Ledger) -> R,
     ) -> R {
+        // Tasks may sleep in the applied bundles' code: the unwinder knows it as text.
+        let code = crate::introspection::host_code(&self.ledger);
+        if let Some(k) = self.kernel.as_mut() {
+            k.set_host_code(code);
+        }
         let mut ledger = std::mem::take(&mut self.ledger);
         let result = {
             let mut target = LiveTarget::new(
