@@ -159,6 +159,8 @@ pub struct RunningVm {
     pub(crate) kernel: Option<introspect::guest::GuestKernel>,
     /// The preload in progress, if any ([`RunningVm::preload_guest_kernel`]).
     pub(crate) kernel_loading: Option<crate::introspection::KernelPreload>,
+    /// When the guest kernel's tables were last used (they are dropped when idle).
+    pub(crate) kernel_used_at: std::time::Instant,
     pub(crate) patch_area: Option<crate::patching::area::PatchArea>,
     pub(crate) ledger: patcher::ledger::Ledger,
     /// The patch transition between attempts, if any.
@@ -333,6 +335,7 @@ pub(crate) fn start(
         started: std::time::Instant::now(),
         kernel: None,
         kernel_loading: None,
+        kernel_used_at: std::time::Instant::now(),
         patch_area: None,
         ledger: patcher::ledger::Ledger::new(),
         patch_in_flight: None,
@@ -652,6 +655,7 @@ impl RunningVm {
             }
             self.poll_boot_patches();
             self.poll_patch();
+            self.drop_idle_guest_kernel();
             // Wake for the next attempt of a patch transition in flight.
             let timeout = self.patch_due_in().map_or(100, |d| {
                 i32::try_from(d.as_millis()).unwrap_or(100).clamp(0, 100)

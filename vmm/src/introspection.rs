@@ -3,6 +3,7 @@
 //! task/stack report the API and the CLI print (`vmm ps`, `vmm stack`).
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use introspect::cpu::{CpuRegs, Vcpus};
 use introspect::guest::{GuestError, GuestKernel, TaskStackTrace};
@@ -275,6 +276,18 @@ pub fn kernel_report(gk: &GuestKernel) -> Value {
     })
 }
 
+/// How long the guest kernel's tables stay loaded without use.
+pub const KERNEL_CACHE_IDLE: Duration = Duration::from_secs(30);
+
+/// Gives the heap's free pages back to the host (the allocator keeps them otherwise).
+fn release_free_heap() {
+    // SAFETY: malloc_trim only releases free memory of glibc's heap; it touches no
+    // memory this program uses and takes no pointer.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// A guest kernel being loaded on a thread of its own.
 pub type KernelPreload = std::thread::JoinHandle<Result<GuestKernel, String>>;
 
@@ -285,6 +298,7 @@ impl RunningVm {
     /// restore, where the kernel is known to be up; a cold-booted VM loads on first use.
     pub fn preload_guest_kernel(&mut self) {
         let mem = self.vm.memory().clone();
+        self.kernel_used_at = Instant::now();
         self.kernel_loading = std::thread::Builder::new()
             .name("kernel-preload".into())
             .spawn(move || GuestKernel::load(&LiveMemory(&mem)).map_err(|e| e.to_string()))
@@ -304,11 +318,35 @@ impl RunningVm {
                 .map_err(|e| format!("cannot find the guest kernel in memory: {e}"))?;
             self.kernel = Some(gk);
         }
+        self.kernel_used_at = Instant::now();
         let gk = self.kernel.as_mut().expect("loaded above");
         gk.set_host_code(host_code(&self.ledger));
         Ok(gk)
     }
 
+    /// Drops the guest kernel's tables (kallsyms, BTF, ORC: tens of MiB of host memory)
+    /// once nothing has used them for [`KERNEL_CACHE_IDLE`] and no patch transition needs
+    /// them; the next use loads them again (tens of milliseconds).
+    pub(crate) fn drop_idle_guest_kernel(&mut self) {
+        let loaded = self.kernel.is_some()
+            || self
+                .kernel_loading
+                .as_ref()
+                .is_some_and(|h| h.is_finished());
+        if !loaded
+            || self.patch_in_flight.is_some()
+            || self.boot_patching.is_some()
+            || self.kernel_used_at.elapsed() < KERNEL_CACHE_IDLE
+        {
+            return;
+        }
+        self.kernel = None;
+        if let Some(preload) = self.kernel_loading.take() {
+            let _ = preload.join();
+        }
+        release_free_heap();
+        tracing::debug!("guest kernel tables dropped after {KERNEL_CACHE_IDLE:?} unused");
+    }
 
     /// `GET /tasks`: pauses the vCPUs for the walk (unless already paused).
     pub fn tasks_json(&mut self, stacks: bool) -> Result<Value, String> {
