@@ -428,10 +428,11 @@ fn a_replacement_calls_static_functions_and_reads_globals_and_per_cpu_data() {
 
 /// A task whose stack runs through a bundle's own code: the host unwinds that code with the
 /// bundle's ORC rows, so the task's trace is reliable and names the patch's frames
-/// (`function+0xoff/0xsize [bundle]`); and disabling the bundle waits for the task, which
-/// the report names from that reliable trace (no conservative scan).
+/// (`function+0xoff/0xsize [bundle]`); disabling the bundle waits for the task, which the
+/// report names from that reliable trace (no conservative scan); and a cumulative bundle
+/// that retires it keeps retrying and completes once the task has left.
 #[test]
-fn a_task_sleeping_in_patch_code_has_a_reliable_trace_and_holds_off_the_disable() {
+fn a_task_sleeping_in_patch_code_has_a_reliable_trace_and_holds_off_its_removal() {
     let bundle = build_bundle("patch-sleeper", "livepatch_patch_sleeper.c");
     let mut guest = restore_fixture("sleeper");
     let s = guest.api_socket.clone();
@@ -478,4 +479,56 @@ fn a_task_sleeping_in_patch_code_has_a_reliable_trace_and_holds_off_the_disable(
     assert!(!body.contains("unreliable"), "{body}");
     let list = json(&api(&s, "GET", "/patches", "").1);
     assert_eq!(list["bundles"][0]["status"], "enabled", "{list}");
+
+    // A cumulative bundle that retires it waits for the task as well, and completes as
+    // soon as the task has left the patch's code (SysRq 'n' again makes it return).
+    let revert = build_sample_bundle(
+        "patch-sleeper",
+        "manifest-replace.json",
+        "livepatch_patch_sleeper.c",
+    );
+    let s2 = s.clone();
+    let put = std::thread::spawn(move || put_patch(&s2, &revert, r#","deadline_ms":120000"#));
+    let started = std::time::Instant::now();
+    loop {
+        let list = json(&api(&s, "GET", "/patches", "").1);
+        if list["transition"]["attempts"].as_u64().unwrap_or(0) >= 2 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the replace did not retry: {list}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    guest.sysrq('n');
+    let (status, body) = put.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(json(&body)["attempts"].as_u64().unwrap() >= 2, "{body}");
+    assert!(
+        guest
+            .output()
+            .contains(&format!("patch-sleeper: pid {pid} leaves the live patch")),
+        "the transition completed before the task left"
+    );
+    let events = json(&api(&s, "GET", "/patches/events", "").1);
+    assert!(
+        events["events"].as_array().unwrap().iter().any(|e| {
+            e["bundle"] == "patch-sleeper-revert"
+                && e["what"]
+                    .as_str()
+                    .is_some_and(|w| w.contains(&format!("blocked by: pid {pid} (patch-sleeper)")))
+        }),
+        "{events}"
+    );
+    // Retired, and its memory released (nothing runs in it any more).
+    assert!(
+        events["events"].as_array().unwrap().iter().any(|e| {
+            e["bundle"] == "patch-sleeper"
+                && e["what"]
+                    .as_str()
+                    .is_some_and(|w| w.starts_with("patch memory released"))
+        }),
+        "{events}"
+    );
 }
