@@ -45,7 +45,7 @@ rel() { local p="$1"; printf '%s' "${p#"$REPO_ROOT"/}"; }
 deb_name() { printf '%s_%s_amd64.deb' "$1" "${2//:/%3a}"; }
 
 KERNEL_DEB="$DEBS/$(deb_name "$KERNEL_PKG" "$KERNEL_VERSION")"
-CONFIG_KEY="kernel=$KERNEL_PKG=$KERNEL_VERSION abi=$KERNEL_ABI busybox=${BUSYBOX_VERSION:-any} rootfs_mib=$ROOTFS_SIZE_MIB hostname=$GUEST_HOSTNAME spin_init=1"
+CONFIG_KEY="kernel=$KERNEL_PKG=$KERNEL_VERSION abi=$KERNEL_ABI busybox=${BUSYBOX_VERSION:-any} rootfs_mib=$ROOTFS_SIZE_MIB hostname=$GUEST_HOSTNAME spin_init=1 getpid_loop=1"
 OUTPUTS=("$OUT/vmlinuz" "$OUT/initrd.img" "$OUT/guest.img" "$OUT/guest-mbr.img" "$OUT/build-info.txt")
 
 # ---- up-to-date check (no tools, no network) ---------------------------------
@@ -336,6 +336,9 @@ cp "$VMLINUZ" "$ROOT/boot/vmlinuz-$KERNEL_ABI"
 cp "$STAGE/initrd.img" "$ROOT/boot/initrd.img-$KERNEL_ABI"
 [ -f "$KCONFIG" ] && cp "$KCONFIG" "$ROOT/boot/config-$KERNEL_ABI"
 install -m 0755 "$BUSYBOX" "$ROOT/bin/busybox"
+# A getpid() loop for the hot-system-call live-patch test (see getpid-loop.S).
+as --64 -o "$STAGE/getpid-loop.o" "$HERE/getpid-loop.S"
+ld -static -nostdlib -o "$ROOT/bin/getpid-loop" "$STAGE/getpid-loop.o"
 for a in "${BB_APPLETS[@]}"; do
     name="${a##*/}"
     case "$a" in
