@@ -619,6 +619,17 @@ mod tests {
         ));
     }
 
+    /// Compiles `source` and links it at `BASE` into a 1 MiB area.
+    fn link_source(name: &str, source: &str) -> Result<LinkedPatch, LinkError> {
+        link(
+            &compile(name, source),
+            BASE,
+            1 << 20,
+            &kallsyms(),
+            &HashMap::new(),
+        )
+    }
+
     /// An object with objtool-style ORC tables (written by hand here: rows for `new_fn`
     /// and for 4 bytes into it).
     fn orc_source(ips: &str, entries: &str) -> String {
@@ -635,14 +646,7 @@ mod tests {
             ".long new_fn - .\\n.long new_fn + 4 - .\\n",
             ".short 8, 0, 0x0005\\n.short 16, 0, 0x0005\\n",
         );
-        let p = link(
-            &compile("orc", &src),
-            BASE,
-            1 << 20,
-            &kallsyms(),
-            &HashMap::new(),
-        )
-        .unwrap();
+        let p = link_source("orc", &src).unwrap();
         let (addr, _) = p.functions["new_fn"];
         assert_eq!(
             p.orc,
@@ -656,13 +660,7 @@ mod tests {
             .iter()
             .any(|f| f.0 == "new_fn" && f.1 == addr));
         // Without the tables (no objtool), there are no rows.
-        let plain = link(
-            &compile("no-orc", SRC),
-            BASE,
-            1 << 20,
-            &kallsyms(),
-            &HashMap::new(),
-        );
+        let plain = link_source("no-orc", SRC);
         assert!(plain.unwrap().orc.is_empty());
     }
 
@@ -672,29 +670,13 @@ mod tests {
             ".long new_fn - .\\n.long new_fn + 4 - .\\n",
             ".short 8, 0, 0x0005\\n",
         );
-        let err = link(
-            &compile("orc-short", &short),
-            BASE,
-            1 << 20,
-            &kallsyms(),
-            &HashMap::new(),
-        )
-        .unwrap_err()
-        .to_string();
+        let err = link_source("orc-short", &short).unwrap_err().to_string();
         assert!(
             err.contains("ORC tables") && err.contains("do not match"),
             "{err}"
         );
         let outside = orc_source(".long new_fn + 0x10000 - .\\n", ".short 8, 0, 0x0005\\n");
-        let err = link(
-            &compile("orc-out", &outside),
-            BASE,
-            1 << 20,
-            &kallsyms(),
-            &HashMap::new(),
-        )
-        .unwrap_err()
-        .to_string();
+        let err = link_source("orc-out", &outside).unwrap_err().to_string();
         assert!(err.contains("outside the text"), "{err}");
     }
 }

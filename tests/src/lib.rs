@@ -554,6 +554,15 @@ pub fn kernel_digest(socket: &Path) -> serde_json::Value {
     json(&body)
 }
 
+/// The record of bundle `name` in a `GET /patches` answer, if the ledger lists it.
+pub fn bundle_record(list: &serde_json::Value, name: &str) -> Option<serde_json::Value> {
+    list["bundles"]
+        .as_array()?
+        .iter()
+        .find(|b| b["name"] == name)
+        .cloned()
+}
+
 /// Parses an API answer's JSON body.
 pub fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))

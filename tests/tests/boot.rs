@@ -9,8 +9,8 @@
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    api, boot_timeout, build_sample_bundle, disable_patch, guest_artifact, json, put_patch,
-    require_kvm, run_vmm, vmm_ok, Guest,
+    api, boot_timeout, build_sample_bundle, bundle_record, disable_patch, guest_artifact, json,
+    put_patch, require_kvm, run_vmm, vmm_ok, Guest,
 };
 
 /// Whether this host's KVM runs guest system calls (`vmm host-check`, exit 0).
@@ -291,34 +291,34 @@ fn a_cumulative_bundle_carries_the_boot_patch_along(guest: &mut Guest, step: Dur
     assert!(patched.contains("this has been live patched"), "{patched}");
     assert!(patched.contains("still-42"), "{patched}");
     let list = json(&api(&guest.api_socket, "GET", "/patches", "").1);
-    let status_of = |name: &str| {
-        list["bundles"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["name"] == name)
-            .map(|b| b["status"].clone())
-    };
+    let cumulative = bundle_record(&list, "cumulative-pvm");
     assert_eq!(
-        status_of("cumulative-pvm"),
-        Some(serde_json::json!("enabled")),
+        cumulative.map(|b| b["status"].clone()),
+        Some("enabled".into())
+    );
+    // Retired, but its code stays pinned where the sleeping tasks return to.
+    let pvm = bundle_record(&list, "pvm-syscall").unwrap_or_else(|| panic!("{list}"));
+    assert_eq!(
+        pvm["status"],
+        serde_json::json!({"replaced": {"by": "cumulative-pvm"}}),
         "{list}"
     );
-    assert_ne!(
-        status_of("pvm-syscall"),
-        Some(serde_json::json!("enabled")),
-        "{list}"
-    );
-    // The retired boot patch's code stays where the sleeping tasks return to.
-    let pvm = list["bundles"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["name"] == "pvm-syscall")
-        .unwrap_or_else(|| panic!("{list}"));
     assert_eq!(pvm["pinned"], true, "{list}");
     assert!(pvm["memory"].is_object(), "{list}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `PUT /snapshot` of the VM behind `socket` into `dir` (removed first): the answer's JSON.
+fn snapshot_to(socket: &std::path::Path, dir: &std::path::Path, stop: bool) -> serde_json::Value {
+    let _ = std::fs::remove_dir_all(dir);
+    let (status, body) = api(
+        socket,
+        "PUT",
+        "/snapshot",
+        &format!(r#"{{"dir":"{}","stop":{stop}}}"#, dir.display()),
+    );
+    assert_eq!(status, 200, "snapshot to {}: {body}", dir.display());
+    json(&body)
 }
 
 /// The first number of `/proc/uptime`.
@@ -340,14 +340,7 @@ fn snapshot_and_restore_the_user_space_guest(mut guest: Guest, step: Duration) -
     guest.run(&format!("echo {marker} > /root/marker; sync"), step);
     let before = guest_uptime(&mut guest, step);
     let dir = std::env::temp_dir().join(format!("vmm-boot-snap-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let (status, body) = api(
-        &guest.api_socket,
-        "PUT",
-        "/snapshot",
-        &format!(r#"{{"dir":"{}","stop":true}}"#, dir.display()),
-    );
-    assert_eq!(status, 200, "snapshot: {body}");
+    snapshot_to(&guest.api_socket, &dir, true);
     let exit = guest.wait_exit(Duration::from_secs(60));
     assert!(exit.success(), "vmm after snapshot --stop: {exit}");
     drop(guest);
@@ -382,15 +375,8 @@ fn snapshot_and_restore_the_user_space_guest(mut guest: Guest, step: Duration) -
 
     // A snapshot of the restored VM (it keeps running).
     let again = dir.with_extension("again");
-    let _ = std::fs::remove_dir_all(&again);
-    let (status, body) = api(
-        &restored.api_socket,
-        "PUT",
-        "/snapshot",
-        &format!(r#"{{"dir":"{}","stop":false}}"#, again.display()),
-    );
-    assert_eq!(status, 200, "snapshot of the restored VM: {body}");
-    assert!(!json(&body)["stopped"].as_bool().unwrap_or(true), "{body}");
+    let answer = snapshot_to(&restored.api_socket, &again, false);
+    assert_eq!(answer["stopped"], false, "{answer}");
     let still = restored.run("cat /root/marker", step);
     assert!(still.contains("after-restore"), "{still}");
     let console = restored.output();

@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use integration_tests::{
-    api, build_sample_bundle, disable_patch, json, put_patch, restore_fixture, vmm_binary,
-    wait_for_socket, Guest,
+    api, build_sample_bundle, bundle_record, disable_patch, json, put_patch, restore_fixture,
+    vmm_binary, wait_for_socket, Guest,
 };
 use serde_json::Value;
 
@@ -214,11 +214,7 @@ fn a_cumulative_bundle_releases_the_memory_of_what_it_replaces() {
     let s = guest.api_socket.clone();
     let put = |bundle: &str| put_patch(&s, bundle, "");
     let memory_of = |list: &Value, name: &str| {
-        list["bundles"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["name"] == name)
+        bundle_record(list, name)
             .map(|b| b["memory"].clone())
             .unwrap_or_else(|| panic!("{name} not in {list}"))
     };

@@ -10,8 +10,8 @@
 use std::time::Duration;
 
 use integration_tests::{
-    api, build_sample_bundle, disable_patch, json, kernel_digest, put_patch, restore_fixture,
-    run_vmm, vmm_ok, Guest,
+    api, build_sample_bundle, bundle_record, disable_patch, json, kernel_digest, put_patch,
+    restore_fixture, run_vmm, vmm_ok, Guest,
 };
 
 const T: Duration = Duration::from_secs(300);
@@ -259,14 +259,7 @@ fn equal_state_versions_are_compatible_both_ways() {
     );
     // The ledger keeps the replaced bundle, marked as replaced by the one now enabled.
     let list = json(&api(&s, "GET", "/patches", "").1);
-    let status_of = |name: &str| {
-        list["bundles"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["name"] == name)
-            .map(|b| b["status"].clone())
-    };
+    let status_of = |name: &str| bundle_record(&list, name).map(|b| b["status"].clone());
     assert_eq!(
         status_of("loglevel-state2"),
         Some("enabled".into()),
