@@ -425,8 +425,9 @@ fn mtime_key(path: &Path) -> String {
     format!("{:x}-{:x}", meta.len(), mtime)
 }
 
-/// Version of the fixture snapshot's contents (2: guest memory includes the patch area).
-pub const FIXTURE_VERSION: u32 = 2;
+/// Version of the fixture snapshot's contents (2: guest memory includes the patch area;
+/// 3: the patch area's page table is a reserved page below 1 MiB, out of the e820 RAM).
+pub const FIXTURE_VERSION: u32 = 3;
 
 /// A snapshot of `guest.img` booted as a kernel-only guest (2 vCPUs), taken 20 s after it
 /// is up. Built once (a cold boot: many minutes on PVM hosts, with progress on stderr)

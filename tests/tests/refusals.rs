@@ -18,7 +18,7 @@ use serde_json::Value;
 /// The digests and the ledger: everything a refusal must leave as it was.
 fn guest_state(s: &std::path::Path) -> (Value, Value) {
     let digest = kernel_digest(s);
-    for part in ["kernel_text", "patch_area"] {
+    for part in ["kernel_text", "patch_area", "patch_table"] {
         assert_eq!(
             digest[part]["sha256"].as_str().map(str::len),
             Some(64),
@@ -121,13 +121,15 @@ fn bad_bundles_are_refused_and_leave_kernel_text_and_patch_area_unchanged() {
     assert!(body.contains("not applied"), "{body}");
     assert_eq!(guest_state(&s), before);
 
-    // A good bundle changes the text (its redirection) and the area (its code); applying it
-    // a second time is refused and changes neither again.
+    // A good bundle changes the text (its redirection), the area (its code) and the area's
+    // page table (the code's pages); applying it a second time is refused and changes none
+    // of them again.
     let (status, body) = put_patch(&s, &good, "");
     assert_eq!(status, 200, "{body}");
     let applied = guest_state(&s);
     assert_ne!(applied.0["kernel_text"], before.0["kernel_text"]);
     assert_ne!(applied.0["patch_area"], before.0["patch_area"]);
+    assert_ne!(applied.0["patch_table"], before.0["patch_table"]);
     let (status, body) = put_patch(&s, &good, "");
     assert_eq!(status, 422, "{body}");
     assert!(body.contains("already applied"), "{body}");

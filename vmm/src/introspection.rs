@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::arch::x86_64::layout::{PATCH_AREA_SIZE, PATCH_AREA_START};
+use crate::arch::x86_64::layout::{PATCH_AREA_SIZE, PATCH_AREA_START, PATCH_TABLE_START};
 use crate::arch::x86_64::regs::MSR_KERNEL_GS_BASE;
 use crate::builder::RunningVm;
 use crate::persist::snapshot::{VmSnapshot, MEMORY_FILE, STATE_FILE};
@@ -431,17 +431,21 @@ impl RunningVm {
                 .map(|b| format!("{b:02x}"))
                 .collect())
         };
-        let (text, area) = self
+        // The area's page table (its PTEs are part of what a patch changes).
+        let table = self.patch_area.map_or(PATCH_TABLE_START, |a| a.table_gpa);
+        let (text, area, ptes) = self
             .with_paused(|p| {
                 Ok::<_, String>((
                     digest(p.memory(), text_pa, end - start)?,
                     digest(p.memory(), PATCH_AREA_START, PATCH_AREA_SIZE)?,
+                    digest(p.memory(), table, 4096)?,
                 ))
             })
             .map_err(|e| e.to_string())??;
         Ok(json!({
             "kernel_text": { "start": format!("{start:#x}"), "end": format!("{end:#x}"), "sha256": text },
             "patch_area": { "start": format!("{PATCH_AREA_START:#x}"), "size": PATCH_AREA_SIZE, "sha256": area },
+            "patch_table": { "start": format!("{table:#x}"), "size": 4096, "sha256": ptes },
         }))
     }
 

@@ -85,12 +85,20 @@ pub struct VmSnapshot {
     pub live_patch: Option<LivePatchState>,
 }
 
+fn table_in_area() -> u64 {
+    crate::arch::x86_64::layout::PATCH_AREA_START
+}
+
 /// The live patcher's host-side state: where its area is mapped in the guest, where the
 /// next bundle goes, and the ledger (bundles, per-site stacks and original bytes, events).
 /// A restored VM gets it back, so it knows exactly what its guest kernel runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LivePatchState {
     pub area_slot_va: u64,
+    /// Guest-physical address of the area's page table (snapshots written before this
+    /// field kept it in the area's first page).
+    #[serde(default = "table_in_area")]
+    pub area_table_gpa: u64,
     pub next: u64,
     pub ledger: patcher::ledger::Ledger,
     /// Guest-physical (start, length) of every redirection site guarded against guest writes.
@@ -298,6 +306,27 @@ mod tests {
         std::fs::write(&copy, vec![1u8; 1 << 20]).unwrap();
         assert_eq!(check_disk(&r, &copy).unwrap(), DiskMatch::Contents);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_live_patch_state_without_a_table_address_has_the_table_in_the_area() {
+        let state = LivePatchState {
+            area_slot_va: 0xffff_ffff_8400_0000,
+            area_table_gpa: crate::arch::x86_64::layout::PATCH_TABLE_START,
+            next: 0,
+            ledger: patcher::ledger::Ledger::new(),
+            protected: Vec::new(),
+        };
+        let mut value = serde_json::to_value(&state).unwrap();
+        let back: LivePatchState = serde_json::from_value(value.clone()).unwrap();
+        assert_eq!(back, state);
+        // Written before the table moved below 1 MiB: no field, the area's first page.
+        value.as_object_mut().unwrap().remove("area_table_gpa");
+        let old: LivePatchState = serde_json::from_value(value).unwrap();
+        assert_eq!(
+            old.area_table_gpa,
+            crate::arch::x86_64::layout::PATCH_AREA_START
+        );
     }
 
     #[test]

@@ -91,6 +91,7 @@ impl RunningVm {
                 .map(|b| b.lock().unwrap_or_else(|e| e.into_inner()).save_state()),
             live_patch: self.patch_area.map(|a| LivePatchState {
                 area_slot_va: a.slot_va,
+                area_table_gpa: a.table_gpa,
                 next: self
                     .ledger
                     .memory_in_use()
@@ -261,6 +262,7 @@ pub fn restore_and_start_with(
     if let Some(lp) = snap.live_patch {
         running.patch_area = Some(crate::patching::area::PatchArea {
             slot_va: lp.area_slot_va,
+            table_gpa: lp.area_table_gpa,
         });
         running.ledger = lp.ledger;
         // A snapshot from before per-bundle memory records: keep all it had used.

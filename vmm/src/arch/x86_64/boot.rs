@@ -157,8 +157,12 @@ pub fn load_initrd(
 pub fn e820_map(mem_size: u64) -> Vec<boot_e820_entry> {
     let entry = |addr, size, r#type| boot_e820_entry { addr, size, r#type };
     let mut map = vec![
-        entry(0, EBDA_START, E820_RAM),
-        entry(EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
+        entry(0, PATCH_TABLE_START, E820_RAM),
+        entry(
+            PATCH_TABLE_START,
+            HIMEM_START - PATCH_TABLE_START,
+            E820_RESERVED,
+        ),
     ];
     let low_end = mem_size.min(MMIO_HOLE_START);
     map.push(entry(HIMEM_START, low_end - HIMEM_START, E820_RAM));
@@ -252,9 +256,11 @@ mod tests {
         assert_eq!(map.len(), 3);
         assert_eq!(
             (map[0].addr, map[0].size, map[0].r#type),
-            (0, EBDA_START, E820_RAM)
+            (0, PATCH_TABLE_START, E820_RAM)
         );
         assert_eq!({ map[1].r#type }, E820_RESERVED);
+        assert!(map[1].addr <= PATCH_TABLE_START && PATCH_TABLE_START < map[1].addr + map[1].size);
+        assert!(map[1].addr <= EBDA_START);
         assert!(map[1].addr <= ACPI_START && map[1].addr + map[1].size >= ACPI_END);
         assert_eq!(
             (map[2].addr, map[2].addr + map[2].size),
@@ -276,7 +282,7 @@ mod tests {
             .filter(|e| e.r#type == E820_RAM)
             .map(|e| e.size)
             .sum();
-        assert_eq!(total, (6 << 30) - (HIMEM_START - EBDA_START));
+        assert_eq!(total, (6 << 30) - (HIMEM_START - PATCH_TABLE_START));
         let regions = ram_regions(6 << 30);
         assert_eq!(regions.len(), 2);
         assert_eq!(regions[1].0, GuestAddress(RAM_64BIT_START));

@@ -1,8 +1,8 @@
 //! Guest-physical memory layout of an x86_64 VM.
 //!
 //! ```text
-//! 0x0000_0000 .. 0x0009_fc00  low RAM (GDT, IDT, zero page, boot page tables, cmdline, AP trampoline)
-//! 0x0009_fc00 .. 0x0010_0000  reserved: EBDA, ACPI tables (RSDP at 0xe_0000), BIOS area
+//! 0x0000_0000 .. 0x0009_f000  low RAM (GDT, IDT, zero page, boot page tables, cmdline, AP trampoline)
+//! 0x0009_f000 .. 0x0010_0000  reserved: live-patch page table, EBDA, ACPI tables (RSDP at 0xe_0000), BIOS area
 //! 0x0010_0000 .. min(RAM, 3 GiB)  RAM (kernel loaded at 1 MiB, initrd at the top)
 //! 0xc000_0000 .. 0xfec0_0000  32-bit MMIO hole: virtio-mmio slots from 0xd000_0000
 //! 0xfec0_0000                 IOAPIC, 0xfee0_0000 LAPIC
@@ -25,7 +25,13 @@ pub const PDE_START: u64 = 0xb000;
 pub const CMDLINE_START: u64 = 0x2_0000;
 /// Largest command line the Linux boot protocol lets us pass (`cmdline_size` of 6.1 is 2047).
 pub const CMDLINE_MAX_SIZE: usize = 2048;
-/// Start of the Extended BIOS Data Area; RAM below it is usable by the guest.
+/// The page table that maps the live-patch area into the guest kernel's address space.
+/// Reserved in the e820 map, and below 1 MiB, which the kernel always keeps in its
+/// direct map: a guest walking its own kernel page tables (the boot-time W+X check,
+/// `/sys/kernel/debug/page_tables`) reads it through `__va()` like any table of its own.
+/// RAM below it is usable by the guest.
+pub const PATCH_TABLE_START: u64 = 0x9_f000;
+/// Start of the Extended BIOS Data Area.
 pub const EBDA_START: u64 = 0x9_fc00;
 /// ACPI tables live in the reserved area below 1 MiB; the RSDP is at its start.
 pub const ACPI_START: u64 = 0xe_0000;
