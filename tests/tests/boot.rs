@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::{
     api, boot_timeout, build_sample_bundle, bundle_record, disable_patch, guest_artifact, json,
-    put_patch, require_kvm, run_vmm, vmm_ok, Guest,
+    kernel_digest, put_patch, require_kvm, run_vmm, vmm_ok, Guest,
 };
 
 /// Whether this host's KVM runs guest system calls (`vmm host-check`, exit 0).
@@ -40,7 +40,14 @@ fn boots_debian_cloud_kernel_from_image_with_two_vcpus() {
         "512",
     ];
     if let Some(bundle) = &patch {
-        args.extend(["--boot-patch", bundle.as_str()]);
+        // Applied before the kernel's boot-time W+X check, which walks every kernel page
+        // table through the direct map: the patch area's table must be one it can read.
+        args.extend([
+            "--boot-patch",
+            bundle.as_str(),
+            "--boot-patch-on",
+            "Freeing unused kernel image (initmem)",
+        ]);
     }
     let mut guest = Guest::start(&args);
     guest.wait_for("VMM-GUEST-READY", boot_timeout());
@@ -52,9 +59,16 @@ fn boots_debian_cloud_kernel_from_image_with_two_vcpus() {
             "{stderr}"
         );
         // The kernel's own word that the patch completed the system calls.
-        assert!(guest
-            .output()
+        let console = guest.output();
+        assert!(console
             .contains("pvm-syscall: system calls from user mode are completed by the live patch"));
+        // The W+X check walked the page tables, the patch area's included, after the patch.
+        let wx = console.find("Checked W+X mappings: passed");
+        let freed = console.find("Freeing unused kernel image (initmem)");
+        assert!(
+            matches!((freed, wx), (Some(f), Some(w)) if f < w),
+            "no passed W+X check after the boot patch:\n{console}"
+        );
     }
     let step = Duration::from_secs(15 * 60);
 
@@ -80,10 +94,11 @@ fn boots_debian_cloud_kernel_from_image_with_two_vcpus() {
     let mut guest = snapshot_and_restore_the_user_space_guest(guest, step);
     the_classic_cmdline_patch_seen_from_user_space(&mut guest, step);
     a_hot_system_call_is_patched_under_load(&mut guest, step);
+    a_task_sleeping_in_a_function_holds_off_its_patch(&mut guest, step);
     system_states_seen_from_user_space(&mut guest, step);
-    if patch.is_some() {
-        a_cumulative_bundle_carries_the_boot_patch_along(&mut guest, step);
-    }
+    multiple_livepatches_seen_from_user_space(&mut guest, step);
+    // Last: on PVM hosts the cumulative bundle stays (it carries the boot patch).
+    atomic_replace_seen_from_user_space(&mut guest, step, patch.is_some());
 
     guest.send_line("poweroff -f");
     let status = guest.wait_exit(step);
@@ -164,6 +179,109 @@ fn a_hot_system_call_is_patched_under_load(guest: &mut Guest, step: Duration) {
     assert_eq!(status, 200, "{body}");
 }
 
+/// Issue #5's blocked transition, on a kernel function user space sleeps in: a `sleep`
+/// process waits inside `hrtimer_nanosleep`, which the `nanosleep-report` sample replaces.
+/// With a short deadline the patch is refused, naming the task with its stack, and nothing
+/// is written; with a long one it keeps retrying, and completes as soon as the task has
+/// left (killed from the shell). Sleeps that start afterwards run the replacement.
+fn a_task_sleeping_in_a_function_holds_off_its_patch(guest: &mut Guest, step: Duration) {
+    let bundle = build_sample_bundle("nanosleep-report", "manifest.json", "livepatch_nanosleep.c");
+    let socket = guest.api_socket.clone();
+    let out = guest.run("sleep 100000 & S=$!; echo sleeper $S", step);
+    let pid = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("sleeper "))
+        .and_then(|p| p.trim().parse::<i64>().ok())
+        .unwrap_or_else(|| panic!("no pid in {out:?}"));
+    // The host sees it asleep in the function (exec and startup take a while when guest
+    // code is emulated).
+    let started = Instant::now();
+    let stack = loop {
+        let (status, out, err) = run_vmm(
+            &[
+                "stack",
+                &pid.to_string(),
+                "--api-socket",
+                socket.to_str().unwrap(),
+            ],
+            Duration::from_secs(60),
+        );
+        if status.success() && out.contains("hrtimer_nanosleep+") {
+            break out;
+        }
+        assert!(
+            started.elapsed() < step,
+            "pid {pid} never slept in hrtimer_nanosleep: {out}{err}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert_eq!(stack.lines().last(), Some("reliable"), "{stack}");
+
+    // Short deadline: refused, the sleeper named with its stack, nothing written.
+    let before = (
+        kernel_digest(&socket),
+        json(&api(&socket, "GET", "/patches", "").1)["bundles"].clone(),
+    );
+    let (status, body) = put_patch(&socket, &bundle, r#","deadline_ms":3000"#);
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains(&format!("pid {pid} (sleep)")), "{body}");
+    assert!(body.contains("hrtimer_nanosleep+"), "{body}");
+    let after = (
+        kernel_digest(&socket),
+        json(&api(&socket, "GET", "/patches", "").1)["bundles"].clone(),
+    );
+    assert_eq!(
+        after, before,
+        "a refused patch changed the guest or the ledger"
+    );
+
+    // Long deadline: retries while the task sleeps there, completes once it has left.
+    let (s2, b2) = (socket.clone(), bundle.clone());
+    let put = std::thread::spawn(move || put_patch(&s2, &b2, r#","deadline_ms":900000"#));
+    let started = Instant::now();
+    loop {
+        let list = json(&api(&socket, "GET", "/patches", "").1);
+        if list["transition"]["attempts"].as_u64().unwrap_or(0) >= 2 {
+            break;
+        }
+        assert!(started.elapsed() < step, "the patch did not retry: {list}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    guest.run("kill $S; wait $S", step);
+    let (status, body) = put.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    let attempts = json(&body)["attempts"].as_u64().unwrap_or(0);
+    assert!(attempts >= 2, "{body}");
+    eprintln!("hrtimer_nanosleep patched after {attempts} attempts, once pid {pid} had left");
+    let events = json(&api(&socket, "GET", "/patches/events", "").1);
+    assert!(
+        events["events"].as_array().unwrap().iter().any(|e| {
+            e["bundle"] == "nanosleep-report"
+                && e["what"]
+                    .as_str()
+                    .is_some_and(|w| w.contains(&format!("blocked by: pid {pid} (sleep)")))
+        }),
+        "{events}"
+    );
+
+    // A sleep that starts now runs the new code.
+    let out = guest.run("sleep 0.2 & T=$!; wait $T; echo napper $T", step);
+    let napper = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("napper "))
+        .map(|p| p.trim().to_string())
+        .unwrap_or_else(|| panic!("no pid in {out:?}"));
+    let line =
+        format!("nanosleep-report: pid {napper} (sleep) sleeps in the patched hrtimer_nanosleep");
+    let started = Instant::now();
+    while !guest.output().contains(&line) {
+        assert!(started.elapsed() < step, "no {line:?} in the console");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let (status, body) = disable_patch(&socket, "nanosleep-report");
+    assert_eq!(status, 200, "{body}");
+}
+
 /// Issue #6's stacking and state rules, observed from guest user space: two stacked
 /// (non-cumulative) bundles that both replace `cmdline_proc_show` and carry state actions
 /// on `console_loglevel` (the first field of `/proc/sys/kernel/printk`). The first sets
@@ -232,79 +350,148 @@ fn system_states_seen_from_user_space(guest: &mut Guest, step: Duration) {
     }
 }
 
-/// On PVM hosts: a cumulative bundle retires every bundle before it, the boot patch
-/// included, so one that fixes something else must carry the boot patch's function as well
-/// (docs/pvm.md). Every task inside a system call sleeps in the boot patch's code, so the
-/// consistency check can never clear it (the kernel would send those tasks fake signals);
-/// the bundle goes in with `force`, which pins the retired code in memory for the tasks
-/// that return through it, as the kernel keeps a forced patch's module. Built from both
-/// samples' sources, it replaces `pvm-syscall` and guest user space carries on under it.
-fn a_cumulative_bundle_carries_the_boot_patch_along(guest: &mut Guest, step: Duration) {
+/// What `/proc/cmdline` and `/proc/meminfo` show: (cmdline patched, meminfo patched).
+/// Each sample replaces the whole file with one line; the originals start with the kernel
+/// command line and `MemTotal:`.
+fn proc_files_patched(guest: &mut Guest, step: Duration) -> (bool, bool) {
+    let out = guest.run("cat /proc/cmdline; head -n 1 /proc/meminfo", step);
+    let cmdline = if out.contains("console=ttyS0") {
+        false
+    } else {
+        assert!(out.contains("this has been live patched"), "{out}");
+        true
+    };
+    let meminfo = if out.contains("MemTotal:") {
+        false
+    } else {
+        assert!(out.contains("meminfo: this has been live patched"), "{out}");
+        true
+    };
+    (cmdline, meminfo)
+}
+
+/// The kernel selftests' "multiple livepatches" (test-livepatch.sh), read from guest user
+/// space as there: two independent bundles, one for `/proc/cmdline` and one for
+/// `/proc/meminfo`, both in force; disabling the newer leaves the older; disabling that
+/// restores the original.
+fn multiple_livepatches_seen_from_user_space(guest: &mut Guest, step: Duration) {
+    let cmdline = build_sample_bundle("cmdline", "manifest.json", "livepatch_cmdline.c");
+    let meminfo = build_sample_bundle("meminfo", "manifest.json", "livepatch_meminfo.c");
+    let s = guest.api_socket.clone();
+    assert_eq!(proc_files_patched(guest, step), (false, false));
+    let (status, body) = put_patch(&s, &cmdline, "");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(proc_files_patched(guest, step), (true, false));
+    let (status, body) = put_patch(&s, &meminfo, "");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(proc_files_patched(guest, step), (true, true));
+    let (status, body) = disable_patch(&s, "meminfo-demo");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(proc_files_patched(guest, step), (true, false));
+    let (status, body) = disable_patch(&s, "cmdline-demo");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(proc_files_patched(guest, step), (false, false));
+}
+
+/// The kernel selftests' "atomic replace", read from guest user space: with the
+/// `/proc/cmdline` bundle applied, a cumulative bundle for `/proc/meminfo` goes in; in the
+/// one transition meminfo is patched and cmdline returns to the original, and the older
+/// bundle is retired.
+///
+/// On PVM hosts (`boot_patch`), a cumulative bundle retires the boot patch too, so it must
+/// carry the boot patch's function as well (docs/pvm.md). Every task inside a system call
+/// sleeps in the boot patch's code, so the consistency check can never clear it (the kernel
+/// would send those tasks fake signals): without `force` it is refused at the deadline,
+/// naming them; with `force`, which pins the retired code in memory for the tasks that
+/// return through it (as the kernel keeps a forced patch's module), it goes in and user
+/// space carries on. Disabling it would take system calls away from user space, so the
+/// selftest's last step (disable: everything original) runs only on other hosts.
+fn atomic_replace_seen_from_user_space(guest: &mut Guest, step: Duration, boot_patch: bool) {
     let samples = integration_tests::workspace_root().join("guest-images/patches");
     let dir = std::env::temp_dir().join(format!("vmm-cumulative-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let manifest = dir.join("manifest.json");
+    let boot_function = if boot_patch {
+        r#"{ "old": "bad_area_nosemaphore", "new": "livepatch_bad_area_nosemaphore" },"#
+    } else {
+        ""
+    };
     std::fs::write(
         &manifest,
-        r#"{
-  "name": "cumulative-pvm",
+        format!(
+            r#"{{
+  "name": "cumulative-meminfo",
   "version": 2,
-  "target": { "release": "6.1.0-53-cloud-amd64" },
+  "target": {{ "release": "6.1.0-53-cloud-amd64" }},
   "replace": true,
   "functions": [
-    { "old": "bad_area_nosemaphore", "new": "livepatch_bad_area_nosemaphore" },
-    { "old": "cmdline_proc_show", "new": "livepatch_cmdline_proc_show" }
+    {boot_function}
+    {{ "old": "meminfo_proc_show", "new": "livepatch_meminfo_proc_show" }}
   ]
-}"#,
+}}"#
+        ),
     )
     .unwrap();
     let bundle = dir.join("cumulative.bundle");
     let src = |p: &str| samples.join(p).display().to_string();
-    vmm_ok(
-        &[
-            "bundle",
-            "build",
-            manifest.to_str().unwrap(),
-            &src("pvm-syscall/livepatch_pvm_syscall.c"),
-            &src("cmdline/livepatch_cmdline.c"),
-            "-o",
-            bundle.to_str().unwrap(),
-        ],
-        step,
-    );
-    // Without force: refused at a short deadline, naming tasks asleep in pvm-syscall.
-    let (status, body) = put_patch(
-        &guest.api_socket,
-        bundle.to_str().unwrap(),
-        r#","deadline_ms":3000"#,
-    );
-    assert_eq!(status, 422, "{body}");
-    assert!(body.contains("[pvm-syscall]"), "{body}");
-    let (status, body) = put_patch(
-        &guest.api_socket,
-        bundle.to_str().unwrap(),
-        r#","force":true"#,
-    );
+    let mut args = vec![
+        "bundle".to_string(),
+        "build".to_string(),
+        manifest.display().to_string(),
+        src("meminfo/livepatch_meminfo.c"),
+    ];
+    if boot_patch {
+        args.push(src("pvm-syscall/livepatch_pvm_syscall.c"));
+    }
+    args.extend(["-o".to_string(), bundle.display().to_string()]);
+    vmm_ok(&args.iter().map(String::as_str).collect::<Vec<_>>(), step);
+    let bundle = bundle.to_str().unwrap();
+    let s = guest.api_socket.clone();
+
+    let cmdline = build_sample_bundle("cmdline", "manifest.json", "livepatch_cmdline.c");
+    let (status, body) = put_patch(&s, &cmdline, "");
     assert_eq!(status, 200, "{body}");
-    assert_eq!(json(&body)["forced"], true, "{body}");
-    let patched = guest.run("cat /proc/cmdline; echo still-$((40+2))", step);
-    assert!(patched.contains("this has been live patched"), "{patched}");
-    assert!(patched.contains("still-42"), "{patched}");
-    let list = json(&api(&guest.api_socket, "GET", "/patches", "").1);
-    let cumulative = bundle_record(&list, "cumulative-pvm");
+    assert_eq!(proc_files_patched(guest, step), (true, false));
+
+    let extra = if boot_patch {
+        // Without force: refused at a short deadline, naming tasks asleep in pvm-syscall.
+        let (status, body) = put_patch(&s, bundle, r#","deadline_ms":3000"#);
+        assert_eq!(status, 422, "{body}");
+        assert!(body.contains("[pvm-syscall]"), "{body}");
+        assert_eq!(proc_files_patched(guest, step), (true, false));
+        r#","force":true"#
+    } else {
+        ""
+    };
+    let (status, body) = put_patch(&s, bundle, extra);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["forced"], boot_patch, "{body}");
+    assert_eq!(proc_files_patched(guest, step), (false, true));
+    let alive = guest.run("echo still-$((40+2))", step);
+    assert!(alive.contains("still-42"), "{alive}");
+
+    let list = json(&api(&s, "GET", "/patches", "").1);
+    let status_of = |name: &str| bundle_record(&list, name).map(|b| b["status"].clone());
     assert_eq!(
-        cumulative.map(|b| b["status"].clone()),
-        Some("enabled".into())
-    );
-    // Retired, but its code stays pinned where the sleeping tasks return to.
-    let pvm = bundle_record(&list, "pvm-syscall").unwrap_or_else(|| panic!("{list}"));
-    assert_eq!(
-        pvm["status"],
-        serde_json::json!({"replaced": {"by": "cumulative-pvm"}}),
+        status_of("cumulative-meminfo"),
+        Some("enabled".into()),
         "{list}"
     );
-    assert_eq!(pvm["pinned"], true, "{list}");
-    assert!(pvm["memory"].is_object(), "{list}");
+    let replaced = serde_json::json!({"replaced": {"by": "cumulative-meminfo"}});
+    assert_eq!(status_of("cmdline-demo"), Some(replaced.clone()), "{list}");
+    if boot_patch {
+        // Retired, but its code stays pinned where the sleeping tasks return to.
+        let pvm = bundle_record(&list, "pvm-syscall").unwrap_or_else(|| panic!("{list}"));
+        assert_eq!(pvm["status"], replaced, "{list}");
+        assert_eq!(pvm["pinned"], true, "{list}");
+        assert!(pvm["memory"].is_object(), "{list}");
+    } else {
+        // Disabling a cumulative bundle returns to the original kernel, not to the
+        // bundles it replaced.
+        let (status, body) = disable_patch(&s, "cumulative-meminfo");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(proc_files_patched(guest, step), (false, false));
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
