@@ -38,6 +38,12 @@ pub trait PatchTarget {
     /// Stops every vCPU outside guest execution.
     fn pause(&mut self) -> Result<(), String>;
     fn resume(&mut self) -> Result<(), String>;
+    /// When the guest ran again after the last `resume`, if the target knows it more
+    /// exactly than the caller's clock after `resume` returns (a VMM learns that its vCPU
+    /// threads are back in the guest a thread wake-up later).
+    fn resumed_at(&self) -> Option<std::time::Instant> {
+        None
+    }
     /// RIP of every vCPU (paused).
     fn vcpu_rips(&mut self) -> Result<Vec<u64>, String>;
     /// Kernel stacks of every task (paused).

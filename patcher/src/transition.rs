@@ -341,9 +341,13 @@ impl InFlight {
         };
         let written_at = Instant::now();
         let resumed = target.resume().map_err(TransitionError::Target);
-        let resumed_at = Instant::now();
-        // The guest-visible cost of this attempt: pause to resume, stack check included,
-        // and where it went.
+        let returned_at = Instant::now();
+        let resumed_at = target
+            .resumed_at()
+            .filter(|&at| at >= written_at && at <= returned_at)
+            .unwrap_or(returned_at);
+        // The guest-visible cost of this attempt: pause to resume (the vCPUs back in the
+        // guest), stack check included, and where it went.
         let us = |from: Instant, to: Instant| to.duration_since(from).as_micros();
         ledger.log(
             &bundle,

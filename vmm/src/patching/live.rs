@@ -30,6 +30,8 @@ pub struct LiveTarget<'a> {
     regs: Option<Vec<CpuRegs>>,
     /// Sites were written this pause: re-register the read-only pages before resuming.
     guard_changed: bool,
+    /// When the last vCPU thread went back into the guest after the last resume.
+    resumed_at: Option<std::time::Instant>,
 }
 
 /// First byte of `jmp rel32`.
@@ -43,6 +45,7 @@ impl<'a> LiveTarget<'a> {
             area,
             regs: None,
             guard_changed: false,
+            resumed_at: None,
         }
     }
 
@@ -172,8 +175,12 @@ impl PatchTarget for LiveTarget<'_> {
                 .map_err(|e| format!("cannot write-protect the patched sites: {e}"));
         }
         // The vCPUs run again whatever happened to the protection.
-        pause::resume_all(&self.vm.vcpus).map_err(|e| e.to_string())?;
+        self.resumed_at = pause::resume_all(&self.vm.vcpus).map_err(|e| e.to_string())?;
         guarded
+    }
+
+    fn resumed_at(&self) -> Option<std::time::Instant> {
+        self.resumed_at
     }
 
     fn vcpu_rips(&mut self) -> Result<Vec<u64>, String> {

@@ -73,17 +73,22 @@ pub fn pause_all(vcpus: &[VcpuHandle]) -> Result<(), PauseError> {
     result
 }
 
-/// Lets every parked vCPU enter the guest again.
-pub fn resume_all(vcpus: &[VcpuHandle]) -> Result<(), PauseError> {
+/// Lets every parked vCPU enter the guest again. Returns when the last vCPU thread took
+/// the request on its way back into `KVM_RUN`: the end of the pause as the guest sees it
+/// (this thread learns of it a wake-up later).
+pub fn resume_all(vcpus: &[VcpuHandle]) -> Result<Option<Instant>, PauseError> {
     for v in vcpus {
         v.send(VcpuEvent::Resume)?;
     }
+    let mut last: Option<Instant> = None;
     for v in vcpus {
-        wait_for(v, VCPU_TIMEOUT, |r| {
-            (r == VcpuResponse::Resumed).then_some(())
+        let at = wait_for(v, VCPU_TIMEOUT, |r| match r {
+            VcpuResponse::Resumed(at) => Some(at),
+            _ => None,
         })?;
+        last = Some(last.map_or(at, |l| l.max(at)));
     }
-    Ok(())
+    Ok(last)
 }
 
 /// Reads one parked vCPU's whole state (registers, special registers, `msrs`, LAPIC,

@@ -50,7 +50,8 @@ pub enum VcpuEvent {
 #[derive(Debug)]
 pub enum VcpuResponse {
     Paused,
-    Resumed,
+    /// Taken the resume request at this instant, on the way back into `KVM_RUN`.
+    Resumed(std::time::Instant),
     Finished,
     State(Box<Result<VcpuState, String>>),
     KernelView(Box<Result<KernelView, String>>),
@@ -61,10 +62,34 @@ impl PartialEq for VcpuResponse {
         matches!(
             (self, other),
             (VcpuResponse::Paused, VcpuResponse::Paused)
-                | (VcpuResponse::Resumed, VcpuResponse::Resumed)
+                | (VcpuResponse::Resumed(_), VcpuResponse::Resumed(_))
                 | (VcpuResponse::Finished, VcpuResponse::Finished)
         )
     }
+}
+
+/// How long a parked vCPU thread keeps polling for its next request before it sleeps.
+/// A live-patch transition keeps the vCPUs parked for about a millisecond; a thread that
+/// sleeps through it is woken on a CPU that may have gone idle, which on a virtualized
+/// host can take milliseconds, and the guest waits for it. Polling (yielding the CPU to
+/// any other runnable thread) keeps that wake-up off the guest's pause.
+const PARKED_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// The next request for a parked vCPU: polled for [`PARKED_POLL`], then waited for.
+fn recv_while_paused(
+    events: &Receiver<VcpuEvent>,
+) -> Result<VcpuEvent, std::sync::mpsc::RecvError> {
+    let until = std::time::Instant::now() + PARKED_POLL;
+    while std::time::Instant::now() < until {
+        match events.try_recv() {
+            Ok(event) => return Ok(event),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                return Err(std::sync::mpsc::RecvError)
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => std::thread::yield_now(),
+        }
+    }
+    events.recv()
 }
 
 /// Errors of vCPU control.
@@ -257,7 +282,7 @@ impl Vcpu {
             match event {
                 VcpuEvent::Finish => return true,
                 VcpuEvent::Resume => {
-                    let _ = responses.send(VcpuResponse::Resumed);
+                    let _ = responses.send(VcpuResponse::Resumed(std::time::Instant::now()));
                 }
                 VcpuEvent::SaveState(_) => {
                     let _ = responses.send(VcpuResponse::State(Box::new(Err(
@@ -276,9 +301,10 @@ impl Vcpu {
                     }
                     let _ = responses.send(VcpuResponse::Paused);
                     loop {
-                        match events.recv() {
+                        match recv_while_paused(events) {
                             Ok(VcpuEvent::Resume) => {
-                                let _ = responses.send(VcpuResponse::Resumed);
+                                let _ = responses
+                                    .send(VcpuResponse::Resumed(std::time::Instant::now()));
                                 break;
                             }
                             Ok(VcpuEvent::Pause) => {
@@ -311,7 +337,7 @@ impl Vcpu {
                     let _ = responses.send(VcpuResponse::Paused);
                 }
                 Ok(VcpuEvent::Resume) => {
-                    let _ = responses.send(VcpuResponse::Resumed);
+                    let _ = responses.send(VcpuResponse::Resumed(std::time::Instant::now()));
                 }
                 Ok(VcpuEvent::SaveState(msrs)) => {
                     let _ = responses.send(self.save_state(&msrs));
@@ -643,6 +669,26 @@ mod tests {
     use std::sync::Mutex;
     use std::time::Instant;
 
+    #[test]
+    fn a_parked_vcpu_polls_then_waits_for_its_next_request() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Sent during the polling window.
+        tx.send(VcpuEvent::Resume).unwrap();
+        assert!(matches!(recv_while_paused(&rx), Ok(VcpuEvent::Resume)));
+        // Sent well after it: the thread has gone to sleep and is woken by it.
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(PARKED_POLL * 3);
+            tx.send(VcpuEvent::Pause).unwrap();
+            tx
+        });
+        let started = Instant::now();
+        assert!(matches!(recv_while_paused(&rx), Ok(VcpuEvent::Pause)));
+        assert!(started.elapsed() >= PARKED_POLL * 3);
+        // The VMM gone: an error, whether polling or asleep.
+        drop(late.join().unwrap());
+        assert!(recv_while_paused(&rx).is_err());
+    }
+
     /// Records port writes; a write to the last port powers the VM off.
     struct Probe {
         writes: Arc<Mutex<Vec<(u64, u8)>>>,
@@ -817,10 +863,11 @@ mod tests {
                 VcpuResponse::Paused
             );
             handle.send(VcpuEvent::Resume).unwrap();
-            assert_eq!(
-                handle.wait(Duration::from_secs(10)).unwrap(),
-                VcpuResponse::Resumed
-            );
+            let sent = Instant::now();
+            match handle.wait(Duration::from_secs(10)).unwrap() {
+                VcpuResponse::Resumed(at) => assert!(at >= sent),
+                other => panic!("{other:?}"),
+            }
         }
         handle.send(VcpuEvent::Finish).unwrap();
         assert_eq!(
