@@ -475,6 +475,15 @@ fn a_task_sleeping_in_patch_code_has_a_reliable_trace_and_holds_off_its_removal(
     assert!(!body.contains("unreliable"), "{body}");
     let list = json(&api(&s, "GET", "/patches", "").1);
     assert_eq!(list["bundles"][0]["status"], "enabled", "{list}");
+    // The listing names the code the unwinder knows and counts its ORC rows.
+    let code = &list["bundles"][0]["code"];
+    assert!(code["orc"]["rows"].as_u64().unwrap_or(0) > 0, "{list}");
+    assert!(
+        code["functions"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f[0] == "patch_sleeper_loop")),
+        "{list}"
+    );
 
     // A cumulative bundle that retires it waits for the task as well, and completes as
     // soon as the task has left the patch's code (SysRq 'n' again makes it return).

@@ -304,6 +304,11 @@ impl RunningVm {
             .iter()
             .map(|b| {
                 let mut v = serde_json::to_value(b).unwrap_or_default();
+                // The ORC rows are for the unwinder (they stay in the ledger and in
+                // snapshots); the listing says how many there are.
+                if let (Some(code), Some(c)) = (v["code"].as_object_mut(), &b.code) {
+                    code.insert("orc".into(), json!({ "rows": c.orc.len() }));
+                }
                 if let Some(funcs) = v["functions"].as_array_mut() {
                     for (f, rec) in funcs.iter_mut().zip(&b.functions) {
                         f["active"] = serde_json::Value::Bool(
