@@ -537,15 +537,18 @@ pub fn build_and_start_with(cfg: &VmConfig, actions: &RunActions) -> Result<Runn
             fd.set_regs(&regs::boot_regs(kernel.entry))
                 .map_err(kvm_err("vCPU 0: KVM_SET_REGS"))?;
         }
-        vcpus.push(Vcpu::new(
-            id,
-            fd,
-            io_bus.clone(),
-            mmio_bus.clone(),
-            mem.clone(),
-            exit.clone(),
-            stats.clone(),
-        ));
+        vcpus.push(
+            Vcpu::new(
+                id,
+                fd,
+                io_bus.clone(),
+                mmio_bus.clone(),
+                mem.clone(),
+                exit.clone(),
+                stats.clone(),
+            )
+            .with_parked_poll(crate::vstate::vcpu::parked_poll(cfg.cpus)),
+        );
     }
 
     progress(&format!(

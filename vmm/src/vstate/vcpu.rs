@@ -73,13 +73,26 @@ impl PartialEq for VcpuResponse {
 /// sleeps through it is woken on a CPU that may have gone idle, which on a virtualized
 /// host can take milliseconds, and the guest waits for it. Polling (yielding the CPU to
 /// any other runnable thread) keeps that wake-up off the guest's pause.
-const PARKED_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+pub const PARKED_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// The next request for a parked vCPU: polled for [`PARKED_POLL`], then waited for.
+/// How long the parked vCPU threads of a VM with `cpus` vCPUs poll: [`PARKED_POLL`] while
+/// the host has a CPU for each of them, none when they outnumber the host's CPUs (their
+/// polling would then take CPU time from the work the pause is for).
+pub fn parked_poll(cpus: u8) -> std::time::Duration {
+    let host = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if usize::from(cpus) <= host {
+        PARKED_POLL
+    } else {
+        std::time::Duration::ZERO
+    }
+}
+
+/// The next request for a parked vCPU: polled for `poll`, then waited for.
 fn recv_while_paused(
     events: &Receiver<VcpuEvent>,
+    poll: std::time::Duration,
 ) -> Result<VcpuEvent, std::sync::mpsc::RecvError> {
-    let until = std::time::Instant::now() + PARKED_POLL;
+    let until = std::time::Instant::now() + poll;
     while std::time::Instant::now() < until {
         match events.try_recv() {
             Ok(event) => return Ok(event),
@@ -144,6 +157,8 @@ pub struct Vcpu {
     stats: Arc<FallbackStats>,
     /// The last emulation failure we could not handle from re-read bytes, and how often in a row.
     stale_code: Option<(u64, Vec<u8>, u32)>,
+    /// How long this thread polls for its next request while parked ([`parked_poll`]).
+    parked_poll: std::time::Duration,
 }
 
 /// The VMM's handle on a running vCPU thread.
@@ -217,7 +232,14 @@ impl Vcpu {
             exit,
             stats,
             stale_code: None,
+            parked_poll: std::time::Duration::ZERO,
         }
+    }
+
+    /// Sets how long the thread polls while parked (see [`parked_poll`]).
+    pub fn with_parked_poll(mut self, poll: std::time::Duration) -> Self {
+        self.parked_poll = poll;
+        self
     }
 
     pub fn fd(&self) -> &VcpuFd {
@@ -301,7 +323,7 @@ impl Vcpu {
                     }
                     let _ = responses.send(VcpuResponse::Paused);
                     loop {
-                        match recv_while_paused(events) {
+                        match recv_while_paused(events, self.parked_poll) {
                             Ok(VcpuEvent::Resume) => {
                                 let _ = responses
                                     .send(VcpuResponse::Resumed(std::time::Instant::now()));
@@ -674,7 +696,10 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         // Sent during the polling window.
         tx.send(VcpuEvent::Resume).unwrap();
-        assert!(matches!(recv_while_paused(&rx), Ok(VcpuEvent::Resume)));
+        assert!(matches!(
+            recv_while_paused(&rx, PARKED_POLL),
+            Ok(VcpuEvent::Resume)
+        ));
         // Sent well after it: the thread has gone to sleep and is woken by it.
         let late = std::thread::spawn(move || {
             std::thread::sleep(PARKED_POLL * 3);
@@ -682,11 +707,18 @@ mod tests {
             tx
         });
         let started = Instant::now();
-        assert!(matches!(recv_while_paused(&rx), Ok(VcpuEvent::Pause)));
+        assert!(matches!(
+            recv_while_paused(&rx, PARKED_POLL),
+            Ok(VcpuEvent::Pause)
+        ));
         assert!(started.elapsed() >= PARKED_POLL * 3);
         // The VMM gone: an error, whether polling or asleep.
         drop(late.join().unwrap());
-        assert!(recv_while_paused(&rx).is_err());
+        assert!(recv_while_paused(&rx, PARKED_POLL).is_err());
+        assert!(recv_while_paused(&rx, std::time::Duration::ZERO).is_err());
+        // More vCPUs than host CPUs: no polling.
+        assert_eq!(parked_poll(u8::MAX), std::time::Duration::ZERO);
+        assert_eq!(parked_poll(1), PARKED_POLL);
     }
 
     /// Records port writes; a write to the last port powers the VM off.
@@ -862,8 +894,8 @@ mod tests {
                 handle.wait(Duration::from_secs(10)).unwrap(),
                 VcpuResponse::Paused
             );
-            handle.send(VcpuEvent::Resume).unwrap();
             let sent = Instant::now();
+            handle.send(VcpuEvent::Resume).unwrap();
             match handle.wait(Duration::from_secs(10)).unwrap() {
                 VcpuResponse::Resumed(at) => assert!(at >= sent),
                 other => panic!("{other:?}"),
