@@ -127,6 +127,7 @@ impl GuestKernel {
             nr_cpu_ids: sym("nr_cpu_ids")?,
             per_cpu_offset: sym("__per_cpu_offset")?,
             runqueues: sym("runqueues")?,
+            current_task: percpu("current_task"),
         };
         let estack_names = [
             "DF_stack",

@@ -101,6 +101,12 @@ pub struct TaskRoots {
     pub per_cpu_offset: u64,
     /// Per-cpu offset (kallsyms `A` value) of `runqueues`.
     pub runqueues: u64,
+    /// Per-cpu offset of `current_task`, the kernel's `current`, when kallsyms has it.
+    /// It is the task whose stack the CPU is on: `__schedule()` sets `rq->curr` to the
+    /// next task before it switches stacks (and calls `psi_task_switch()` in between),
+    /// while `current_task` changes together with the stack, in `__switch_to()`.
+    /// Without it, `rq->curr`.
+    pub current_task: Option<u64>,
 }
 
 /// One task as the host sees it.
@@ -337,7 +343,10 @@ impl Roster {
                 continue; // a possible CPU that never came up
             }
             let rq = off.wrapping_add(roots.runqueues);
-            let curr = read_u64(m, rq.wrapping_add(l.rq_curr), "rq->curr")?;
+            let curr = match roots.current_task {
+                Some(ct) => read_u64(m, off.wrapping_add(ct), "current_task")?,
+                None => read_u64(m, rq.wrapping_add(l.rq_curr), "rq->curr")?,
+            };
             let idl = read_u64(m, rq.wrapping_add(l.rq_idle), "rq->idle")?;
             if curr != 0 {
                 current.push((curr, cpu as u32));
@@ -477,6 +486,7 @@ mod tests {
             nr_cpu_ids: NR,
             per_cpu_offset: PCO,
             runqueues: RQ,
+            current_task: None,
         }
     }
 
@@ -560,6 +570,33 @@ mod tests {
             tasks[1].stack_range().1 - tasks[1].stack_range().0,
             THREAD_SIZE
         );
+    }
+
+    #[test]
+    fn the_task_on_a_cpu_is_its_current_task_not_the_run_queues_next() {
+        // CPU 1 is inside __schedule(): rq->curr already names the next task (worker,
+        // pid 7) while the CPU still runs worker-thread (pid 8) on its stack.
+        let mut m = guest();
+        const CURRENT: u64 = 0x3000;
+        let pcpu = [0xffff_8880_1000_0000u64, 0xffff_8880_1100_0000];
+        m.write_u64(pcpu[0] + CURRENT, task_at(5));
+        m.write_u64(pcpu[1] + CURRENT, task_at(3));
+        m.write_u64(pcpu[1] + RQ + L.rq_curr, task_at(2));
+        let with = TaskRoots {
+            current_task: Some(CURRENT),
+            ..roots()
+        };
+        let on = |roots: &TaskRoots| -> Vec<(i32, Option<u32>)> {
+            enumerate(&m, &L, roots)
+                .unwrap()
+                .iter()
+                .filter(|t| t.current_on.is_some())
+                .map(|t| (t.pid, t.current_on))
+                .collect()
+        };
+        assert_eq!(on(&with), vec![(8, Some(1)), (9, Some(0))]);
+        // Without the symbol, the run queue's view.
+        assert_eq!(on(&roots()), vec![(7, Some(1)), (9, Some(0))]);
     }
 
     #[test]
