@@ -555,6 +555,34 @@ pub fn kernel_digest(socket: &Path) -> serde_json::Value {
     json(&body)
 }
 
+/// Asserts that the event log (`GET /patches/events`) has an event of `bundle` whose text
+/// satisfies `what`; the log is in the panic message otherwise.
+pub fn assert_logged(socket: &Path, bundle: &str, what: impl Fn(&str) -> bool) {
+    let events = json(&api(socket, "GET", "/patches/events", "").1);
+    assert!(
+        events["events"].as_array().is_some_and(|all| all
+            .iter()
+            .any(|e| e["bundle"] == bundle && e["what"].as_str().is_some_and(&what))),
+        "no such event of {bundle}: {events}"
+    );
+}
+
+/// Waits until the transition in flight has made `attempts` attempts (it is retrying).
+pub fn wait_for_attempts(socket: &Path, attempts: u64, timeout: Duration) {
+    let started = Instant::now();
+    loop {
+        let list = json(&api(socket, "GET", "/patches", "").1);
+        if list["transition"]["attempts"].as_u64().unwrap_or(0) >= attempts {
+            return;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "no transition reached {attempts} attempts: {list}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// The record of bundle `name` in a `GET /patches` answer, if the ledger lists it.
 pub fn bundle_record(list: &serde_json::Value, name: &str) -> Option<serde_json::Value> {
     list["bundles"]

@@ -9,8 +9,9 @@
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    api, boot_timeout, build_sample_bundle, bundle_record, disable_patch, guest_artifact, json,
-    kernel_digest, put_patch, require_kvm, run_vmm, vmm_ok, Guest,
+    api, assert_logged, boot_timeout, build_sample_bundle, bundle_record, disable_patch,
+    guest_artifact, json, kernel_digest, put_patch, require_kvm, run_vmm, vmm_ok,
+    wait_for_attempts, Guest,
 };
 
 /// Whether this host's KVM runs guest system calls (`vmm host-check`, exit 0).
@@ -238,31 +239,16 @@ fn a_task_sleeping_in_a_function_holds_off_its_patch(guest: &mut Guest, step: Du
     // Long deadline: retries while the task sleeps there, completes once it has left.
     let (s2, b2) = (socket.clone(), bundle.clone());
     let put = std::thread::spawn(move || put_patch(&s2, &b2, r#","deadline_ms":900000"#));
-    let started = Instant::now();
-    loop {
-        let list = json(&api(&socket, "GET", "/patches", "").1);
-        if list["transition"]["attempts"].as_u64().unwrap_or(0) >= 2 {
-            break;
-        }
-        assert!(started.elapsed() < step, "the patch did not retry: {list}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_attempts(&socket, 2, step);
     guest.run("kill $S; wait $S", step);
     let (status, body) = put.join().unwrap();
     assert_eq!(status, 200, "{body}");
     let attempts = json(&body)["attempts"].as_u64().unwrap_or(0);
     assert!(attempts >= 2, "{body}");
     eprintln!("hrtimer_nanosleep patched after {attempts} attempts, once pid {pid} had left");
-    let events = json(&api(&socket, "GET", "/patches/events", "").1);
-    assert!(
-        events["events"].as_array().unwrap().iter().any(|e| {
-            e["bundle"] == "nanosleep-report"
-                && e["what"]
-                    .as_str()
-                    .is_some_and(|w| w.contains(&format!("blocked by: pid {pid} (sleep)")))
-        }),
-        "{events}"
-    );
+    assert_logged(&socket, "nanosleep-report", |w| {
+        w.contains(&format!("blocked by: pid {pid} (sleep)"))
+    });
 
     // A sleep that starts now runs the new code.
     let out = guest.run("sleep 0.2 & T=$!; wait $T; echo napper $T", step);

@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use integration_tests::{
-    api, build_sample_bundle, bundle_record, disable_patch, json, put_patch, restore_fixture,
-    vmm_binary, wait_for_socket, Guest,
+    api, assert_logged, build_sample_bundle, bundle_record, disable_patch, json, put_patch,
+    restore_fixture, vmm_binary, wait_for_attempts, wait_for_socket, Guest,
 };
 use serde_json::Value;
 
@@ -494,18 +494,7 @@ fn a_task_sleeping_in_patch_code_has_a_reliable_trace_and_holds_off_its_removal(
     );
     let s2 = s.clone();
     let put = std::thread::spawn(move || put_patch(&s2, &revert, r#","deadline_ms":120000"#));
-    let started = std::time::Instant::now();
-    loop {
-        let list = json(&api(&s, "GET", "/patches", "").1);
-        if list["transition"]["attempts"].as_u64().unwrap_or(0) >= 2 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the replace did not retry: {list}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_attempts(&s, 2, Duration::from_secs(60));
     guest.sysrq('n');
     let (status, body) = put.join().unwrap();
     assert_eq!(status, 200, "{body}");
@@ -516,24 +505,11 @@ fn a_task_sleeping_in_patch_code_has_a_reliable_trace_and_holds_off_its_removal(
             .contains(&format!("patch-sleeper: pid {pid} leaves the live patch")),
         "the transition completed before the task left"
     );
-    let events = json(&api(&s, "GET", "/patches/events", "").1);
-    assert!(
-        events["events"].as_array().unwrap().iter().any(|e| {
-            e["bundle"] == "patch-sleeper-revert"
-                && e["what"]
-                    .as_str()
-                    .is_some_and(|w| w.contains(&format!("blocked by: pid {pid} (patch-sleeper)")))
-        }),
-        "{events}"
-    );
+    assert_logged(&s, "patch-sleeper-revert", |w| {
+        w.contains(&format!("blocked by: pid {pid} (patch-sleeper)"))
+    });
     // Retired, and its memory released (nothing runs in it any more).
-    assert!(
-        events["events"].as_array().unwrap().iter().any(|e| {
-            e["bundle"] == "patch-sleeper"
-                && e["what"]
-                    .as_str()
-                    .is_some_and(|w| w.starts_with("patch memory released"))
-        }),
-        "{events}"
-    );
+    assert_logged(&s, "patch-sleeper", |w| {
+        w.starts_with("patch memory released")
+    });
 }

@@ -308,9 +308,10 @@ pub(crate) fn start(
         ))));
     }
     let barrier = Arc::new(Barrier::new(vcpus.len() + 1));
+    let poll = crate::vstate::vcpu::parked_poll(vcpus.len());
     let handles = vcpus
         .into_iter()
-        .map(|v| v.start(barrier.clone()))
+        .map(|v| v.with_parked_poll(poll).start(barrier.clone()))
         .collect::<Result<Vec<_>, _>>()?;
     barrier.wait();
     Ok(RunningVm {
@@ -537,18 +538,15 @@ pub fn build_and_start_with(cfg: &VmConfig, actions: &RunActions) -> Result<Runn
             fd.set_regs(&regs::boot_regs(kernel.entry))
                 .map_err(kvm_err("vCPU 0: KVM_SET_REGS"))?;
         }
-        vcpus.push(
-            Vcpu::new(
-                id,
-                fd,
-                io_bus.clone(),
-                mmio_bus.clone(),
-                mem.clone(),
-                exit.clone(),
-                stats.clone(),
-            )
-            .with_parked_poll(crate::vstate::vcpu::parked_poll(cfg.cpus)),
-        );
+        vcpus.push(Vcpu::new(
+            id,
+            fd,
+            io_bus.clone(),
+            mmio_bus.clone(),
+            mem.clone(),
+            exit.clone(),
+            stats.clone(),
+        ));
     }
 
     progress(&format!(

@@ -204,18 +204,15 @@ pub fn restore_and_start_with(
         fd.set_cpuid2(&cpuid)
             .map_err(kvm_err(format!("vCPU {id}: KVM_SET_CPUID2")))?;
         vcpu_state::restore(&fd, state).map_err(|e| BuildError::Restore(e.to_string()))?;
-        vcpus.push(
-            Vcpu::new(
-                id,
-                fd,
-                io_bus.clone(),
-                mmio_bus.clone(),
-                vm.memory().clone(),
-                exit.clone(),
-                stats.clone(),
-            )
-            .with_parked_poll(crate::vstate::vcpu::parked_poll(snap.machine.cpus)),
-        );
+        vcpus.push(Vcpu::new(
+            id,
+            fd,
+            io_bus.clone(),
+            mmio_bus.clone(),
+            vm.memory().clone(),
+            exit.clone(),
+            stats.clone(),
+        ));
     }
     let msr_indices =
         Arc::new(vcpu_state::msr_indices(&kvm).map_err(|e| BuildError::Restore(e.to_string()))?);

@@ -78,9 +78,9 @@ pub const PARKED_POLL: std::time::Duration = std::time::Duration::from_millis(10
 /// How long the parked vCPU threads of a VM with `cpus` vCPUs poll: [`PARKED_POLL`] while
 /// the host has a CPU for each of them, none when they outnumber the host's CPUs (their
 /// polling would then take CPU time from the work the pause is for).
-pub fn parked_poll(cpus: u8) -> std::time::Duration {
+pub fn parked_poll(cpus: usize) -> std::time::Duration {
     let host = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if usize::from(cpus) <= host {
+    if cpus <= host {
         PARKED_POLL
     } else {
         std::time::Duration::ZERO
@@ -717,7 +717,7 @@ mod tests {
         assert!(recv_while_paused(&rx, PARKED_POLL).is_err());
         assert!(recv_while_paused(&rx, std::time::Duration::ZERO).is_err());
         // More vCPUs than host CPUs: no polling.
-        assert_eq!(parked_poll(u8::MAX), std::time::Duration::ZERO);
+        assert_eq!(parked_poll(usize::MAX), std::time::Duration::ZERO);
         assert_eq!(parked_poll(1), PARKED_POLL);
     }
 
