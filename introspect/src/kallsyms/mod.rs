@@ -359,9 +359,17 @@ impl SymbolTable {
     }
 
     /// The symbol containing `addr` and the offset into it (nearest symbol at or below).
+    /// Of several symbols at that address, the first in the kernel's table, as the
+    /// kernel's own lookup picks it (`get_symbol_pos`: the table is sorted so that the
+    /// preferred name of an address comes first).
     pub fn symbolize(&self, addr: u64) -> Option<(&Symbol, u64)> {
-        let i = self.sorted_addrs.partition_point(|&a| a <= addr);
-        let s = &self.symbols[*self.by_addr.get(i.checked_sub(1)?)? as usize];
+        let at = *self.sorted_addrs.get(
+            self.sorted_addrs
+                .partition_point(|&a| a <= addr)
+                .checked_sub(1)?,
+        )?;
+        let first = self.sorted_addrs.partition_point(|&a| a < at);
+        let s = &self.symbols[*self.by_addr.get(first)? as usize];
         Some((s, addr - s.addr))
     }
 }
@@ -487,6 +495,22 @@ mod tests {
             [size("alias_a"), size("alias_b"), size("mid"), size("last")],
             [0x10, 0x10, 0x10, 0]
         );
+        // An address several symbols share takes the first of them in the table, as
+        // the kernel prints it (`common_interrupt_return`, not the section marker
+        // `__irqentry_text_end` at the same address).
+        assert_eq!(
+            t.symbolize(0x18).map(|(s, o)| (s.name.as_str(), o)),
+            Some(("alias_a", 8))
+        );
+        assert_eq!(
+            t.symbolize(0x10).map(|(s, o)| (s.name.as_str(), o)),
+            Some(("alias_a", 0))
+        );
+        assert_eq!(
+            t.symbolize(0x2f).map(|(s, o)| (s.name.as_str(), o)),
+            Some(("mid", 0xf))
+        );
+        assert!(t.symbolize(0xf).is_none());
     }
 
     #[test]
