@@ -83,6 +83,28 @@ fn boot_qemu(tag: &str, cpu: &str, append: &str) -> Oracle {
 }
 
 impl Oracle {
+    /// Lets a stopped guest run on.
+    fn resume(&mut self) {
+        let mut mon = UnixStream::connect(&self.monitor).expect("QEMU monitor");
+        mon.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        writeln!(mon, "cont").unwrap();
+        writeln!(mon, "info status").unwrap();
+        let start = Instant::now();
+        let mut seen = Vec::new();
+        while !String::from_utf8_lossy(&seen).contains("VM status: running") {
+            let mut buf = [0u8; 4096];
+            if let Ok(n) = mon.read(&mut buf) {
+                seen.extend_from_slice(&buf[..n]);
+            }
+            assert!(
+                start.elapsed() < T,
+                "cont did not finish: {}",
+                String::from_utf8_lossy(&seen)
+            );
+        }
+    }
+
     /// Stops the guest and writes its RAM to `self.dump`.
     fn stop_and_dump(&mut self) {
         let mut mon = UnixStream::connect(&self.monitor).expect("QEMU monitor");
@@ -125,7 +147,6 @@ fn check_against_guest(tag: &str, cpu: &str, append: &str, levels: u8) -> String
     let mut o = boot_qemu(tag, cpu, append);
     let g = &mut o.guest;
     let kallsyms = g.run("cat /proc/kallsyms", T);
-    let listed = g.run("grep -H . /proc/[0-9]*/task/[0-9]*/comm", T);
     let sleep_pid: i64 = g
         .run("sleep 1000 & echo $!", T)
         .lines()
@@ -139,6 +160,9 @@ fn check_against_guest(tag: &str, cpu: &str, append: &str, levels: u8) -> String
     let proc_stack = g.run(&format!("cat /proc/{sleep_pid}/stack"), T);
     let pti = g.run("grep -c ' pti' /proc/cpuinfo || true", T);
     let proc_modules = g.run("cat /proc/modules", T);
+    // The thread list last, right before the stop: a thread may exit (an idle kworker
+    // retired by its pool) or start between any listing and the stop.
+    let listed = g.run("grep -H . /proc/[0-9]*/task/[0-9]*/comm", T);
     o.stop_and_dump();
     let dump = o.dump.to_str().unwrap().to_string();
 
@@ -212,11 +236,48 @@ fn check_against_guest(tag: &str, cpu: &str, append: &str, levels: u8) -> String
         .filter(|(pid, _)| *pid != sleep_pid)
         .collect();
     assert!(guest_tasks.len() > 20, "{tag}: {listed}");
-    // The same tids; and each comm is the kernel's 15-character `task->comm`, which
-    // /proc/PID/comm extends for kernel threads (full kthread names, a kworker's current
-    // work queue after '-').
-    let pids = |set: &BTreeSet<(i64, String)>| set.iter().map(|(p, _)| *p).collect::<Vec<_>>();
-    assert_eq!(pids(&host_tasks), pids(&guest_tasks), "{tag}: task lists");
+    // The same tids, but for threads that came or went between the listing and the stop,
+    // and each of those is proven: one the guest listed and the dump lacks must be gone
+    // when the guest runs on; one only the dump has must be newer than every listed one
+    // (tids are handed out in increasing order; a few hundred are far from pid_max).
+    let pids = |set: &BTreeSet<(i64, String)>| set.iter().map(|(p, _)| *p).collect::<BTreeSet<_>>();
+    let (host_pids, guest_pids) = (pids(&host_tasks), pids(&guest_tasks));
+    let newest_listed = guest_pids.iter().max().copied().unwrap_or(0);
+    let started: Vec<i64> = host_pids.difference(&guest_pids).copied().collect();
+    assert!(
+        started.iter().all(|&p| p > newest_listed),
+        "{tag}: the dump has threads the guest did not list, and they are not newer than \
+         its listing (newest listed {newest_listed}): {started:?}\n{listed}"
+    );
+    let gone: Vec<i64> = guest_pids.difference(&host_pids).copied().collect();
+    if !gone.is_empty() {
+        o.resume();
+        for tid in &gone {
+            let alive = o.guest.run(
+                &format!("test -e /proc/{tid}/comm && echo alive || echo exited"),
+                T,
+            );
+            assert!(
+                alive.contains("exited") && !alive.contains("alive"),
+                "{tag}: the guest listed tid {tid}, which is still alive, and the dump lacks it"
+            );
+        }
+        eprintln!("{tag}: threads that exited between the listing and the dump: {gone:?}");
+    }
+    if !started.is_empty() {
+        eprintln!("{tag}: threads that started between the listing and the dump: {started:?}");
+    }
+    // Each comm is the kernel's 15-character `task->comm`, which /proc/PID/comm extends
+    // for kernel threads (full kthread names, a kworker's current work queue after '-').
+    let host_tasks: BTreeSet<_> = host_tasks
+        .into_iter()
+        .filter(|(p, _)| guest_pids.contains(p))
+        .collect();
+    let guest_tasks: BTreeSet<_> = guest_tasks
+        .into_iter()
+        .filter(|(p, _)| host_pids.contains(p))
+        .collect();
+    assert_eq!(host_tasks.len(), guest_tasks.len(), "{tag}: task lists");
     for ((pid, host), (_, guest)) in host_tasks.iter().zip(&guest_tasks) {
         assert!(
             guest.starts_with(host.as_str())
