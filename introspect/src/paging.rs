@@ -31,6 +31,10 @@ const NX: u64 = 1 << 63;
 const CACHE_SLOTS: usize = 4096;
 /// A cache slot no virtual page number can match (VPNs have at most 45 bits).
 const EMPTY_SLOT: (u64, u64) = (u64::MAX, 0);
+/// Slots of [`VirtMemory`]'s cache of 2 MiB regions (a power of two).
+const REGION_SLOTS: usize = 512;
+/// A region slot no key can match (keys have at most 43 bits).
+const EMPTY_REGION: (u64, Region) = (u64::MAX, Region::Table(0));
 
 /// Errors translating or reading guest virtual addresses.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -120,39 +124,83 @@ impl PageTables {
         if !self.is_canonical(va) {
             return Err(PagingError::NonCanonical(va));
         }
-        let mut table = self.root;
-        let mut writable = true;
-        let mut nx = false;
-        for level in (1..=self.levels).rev() {
-            let shift = 12 + 9 * u32::from(level - 1);
-            let index = (va >> shift) & 0x1ff;
-            let entry = read_u64(mem, table + index * 8)?;
-            if entry & P == 0 {
-                return Err(PagingError::NotPresent { va, level });
-            }
-            writable &= entry & RW != 0;
-            nx |= entry & NX != 0;
-            let page_size = match level {
-                1 => Some(PAGE_SIZE),
-                2 | 3 if entry & PS != 0 => Some(1u64 << shift),
-                4 | 5 if entry & PS != 0 => return Err(PagingError::Reserved { va, level, entry }),
-                _ => None,
-            };
-            if let Some(page_size) = page_size {
-                // The frame is bits 51:shift; for large leaves this drops the PAT bit 12.
-                let frame = entry & ADDR_MASK & !(page_size - 1);
-                return Ok(Translation {
-                    pa: frame | (va & (page_size - 1)),
-                    page_size,
-                    writable,
-                    nx,
-                });
-            }
-            table = entry & ADDR_MASK;
+        match walk(mem, va, self.root, self.levels, 1)? {
+            Walk::Leaf(t) => Ok(t),
+            // Level 1 always ends in a leaf or an error.
+            Walk::Table(_) => Err(PagingError::NotPresent { va, level: 1 }),
         }
-        // Unreachable for levels 4 and 5: level 1 always returns above.
-        Err(PagingError::NotPresent { va, level: 1 })
     }
+
+    /// Walks the levels above the page table for `va`: its whole 2 MiB region is either
+    /// mapped by one large leaf, or described by one page table.
+    fn region(&self, mem: &dyn GuestPhysMemory, va: u64) -> Result<Region, PagingError> {
+        if !self.is_canonical(va) {
+            return Err(PagingError::NonCanonical(va));
+        }
+        Ok(match walk(mem, va, self.root, self.levels, 2)? {
+            Walk::Leaf(t) => Region::Mapped(t.pa & !(LARGE_PAGE_SIZE - 1)),
+            Walk::Table(pt) => Region::Table(pt),
+        })
+    }
+}
+
+/// Where a walk stopped.
+enum Walk {
+    /// At a leaf.
+    Leaf(Translation),
+    /// Above `to_level` without a leaf: the physical address of the next table.
+    Table(u64),
+}
+
+/// Walks `va` from `table`, a level-`from` table, down to level `to` (at most one read
+/// per level). The permission bits count only the levels walked: callers that want them
+/// walk from the root.
+fn walk(
+    mem: &dyn GuestPhysMemory,
+    va: u64,
+    mut table: u64,
+    from: u8,
+    to: u8,
+) -> Result<Walk, PagingError> {
+    let mut writable = true;
+    let mut nx = false;
+    for level in (to..=from).rev() {
+        let shift = 12 + 9 * u32::from(level - 1);
+        let index = (va >> shift) & 0x1ff;
+        let entry = read_u64(mem, table + index * 8)?;
+        if entry & P == 0 {
+            return Err(PagingError::NotPresent { va, level });
+        }
+        writable &= entry & RW != 0;
+        nx |= entry & NX != 0;
+        let page_size = match level {
+            1 => Some(PAGE_SIZE),
+            2 | 3 if entry & PS != 0 => Some(1u64 << shift),
+            4 | 5 if entry & PS != 0 => return Err(PagingError::Reserved { va, level, entry }),
+            _ => None,
+        };
+        if let Some(page_size) = page_size {
+            // The frame is bits 51:shift; for large leaves this drops the PAT bit 12.
+            let frame = entry & ADDR_MASK & !(page_size - 1);
+            return Ok(Walk::Leaf(Translation {
+                pa: frame | (va & (page_size - 1)),
+                page_size,
+                writable,
+                nx,
+            }));
+        }
+        table = entry & ADDR_MASK;
+    }
+    Ok(Walk::Table(table))
+}
+
+/// A 2 MiB region of virtual memory as the levels above the page table leave it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Region {
+    /// One 2 MiB or 1 GiB leaf maps it: the physical address of the region's first byte.
+    Mapped(u64),
+    /// A page table (its physical address) maps its 4 KiB pages.
+    Table(u64),
 }
 
 /// Guest virtual memory read through one set of page tables, with a small cache of
@@ -164,6 +212,10 @@ pub struct VirtMemory<'a> {
     /// (VA page number, PA of that 4 KiB page), direct-mapped by the page number's low
     /// bits: O(1) however the guest lays out its addresses, a collision just replaces.
     cache: RefCell<Vec<(u64, u64)>>,
+    /// (VA >> 21, what maps that 2 MiB region), direct-mapped the same way: the upper
+    /// levels of a walk, as a CPU's paging-structure caches keep them. A page missing
+    /// from `cache` then costs one read (its page-table entry) or none (a large leaf).
+    regions: RefCell<Vec<(u64, Region)>>,
 }
 
 impl<'a> VirtMemory<'a> {
@@ -172,6 +224,7 @@ impl<'a> VirtMemory<'a> {
             mem,
             pt,
             cache: RefCell::new(vec![EMPTY_SLOT; CACHE_SLOTS]),
+            regions: RefCell::new(vec![EMPTY_REGION; REGION_SLOTS]),
         }
     }
 
@@ -186,6 +239,7 @@ impl<'a> VirtMemory<'a> {
     /// Forgets every cached translation.
     pub fn clear_cache(&self) {
         self.cache.borrow_mut().fill(EMPTY_SLOT);
+        self.regions.borrow_mut().fill(EMPTY_REGION);
     }
 
     /// A full, uncached walk (flags included).
@@ -202,11 +256,34 @@ impl<'a> VirtMemory<'a> {
                 return Ok(pa);
             }
         }
-        let pa = self.pt.translate(self.mem, va)?.pa & !(PAGE_SIZE - 1);
+        let pa = match self.region(va)? {
+            Region::Mapped(base) => base | (va & (LARGE_PAGE_SIZE - 1) & !(PAGE_SIZE - 1)),
+            Region::Table(pt) => match walk(self.mem, va, pt, 1, 1)? {
+                Walk::Leaf(t) => t.pa & !(PAGE_SIZE - 1),
+                Walk::Table(_) => return Err(PagingError::NotPresent { va, level: 1 }),
+            },
+        };
         if let Some(s) = self.cache.borrow_mut().get_mut(slot) {
             *s = (vpn, pa);
         }
         Ok(pa)
+    }
+
+    /// What maps the 2 MiB region holding `va`, from the cache or a walk of the levels
+    /// above the page table.
+    fn region(&self, va: u64) -> Result<Region, PagingError> {
+        let key = va >> 21;
+        let slot = (key as usize) & (REGION_SLOTS - 1);
+        if let Some(&(k, r)) = self.regions.borrow().get(slot) {
+            if k == key {
+                return Ok(r);
+            }
+        }
+        let r = self.pt.region(self.mem, va)?;
+        if let Some(s) = self.regions.borrow_mut().get_mut(slot) {
+            *s = (key, r);
+        }
+        Ok(r)
     }
 
     /// Fills `buf` from virtual address `va`, translating each page separately.
@@ -469,6 +546,67 @@ mod tests {
             PageTables::new(0, false).translate(&mem, KVA),
             Err(PagingError::Reserved { level: 4, .. })
         ));
+    }
+
+    /// Counts the reads that reach physical memory.
+    struct Counting(BufferMemory, std::sync::atomic::AtomicUsize);
+
+    impl GuestPhysMemory for Counting {
+        fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.0.read_phys(gpa, buf)
+        }
+        fn regions(&self) -> Vec<(u64, u64)> {
+            self.0.regions()
+        }
+    }
+
+    #[test]
+    fn pages_of_a_known_region_cost_one_read_or_none() {
+        use std::sync::atomic::Ordering::Relaxed;
+        // A vmalloc-style region of 4 KiB pages, a 2 MiB leaf and a 1 GiB leaf.
+        let small = 0xffff_c900_0020_0000u64;
+        let large = 0xffff_8880_0040_0000u64;
+        let huge = 0xffff_8881_0000_0000u64;
+        let mut p = Phys::new(12);
+        p.set(0, idx(small, 4), 0x1000 | PRW);
+        p.set(0x1000, idx(small, 3), 0x2000 | PRW);
+        p.set(0x2000, idx(small, 2), 0x3000 | PRW);
+        p.set(0x3000, 0, 0x7000 | PRW);
+        p.set(0x3000, 1, 0x9000 | PRW);
+        p.set(0, idx(large, 4), 0x4000 | PRW);
+        p.set(0x4000, idx(large, 3), 0x5000 | PRW);
+        p.set(0x5000, idx(large, 2), 0x4000_0000 | PS | PRW);
+        p.set(0x4000, idx(huge, 3), 0x8000_0000 | PS | PRW);
+        let pt = PageTables::new(0, false);
+        let mem = Counting(p.mem(), 0.into());
+        let vm = VirtMemory::new(&mem, pt);
+        let reads = || mem.1.swap(0, Relaxed);
+        let page = |va: u64| vm.page_pa(va).unwrap();
+        // First page of each region: a full walk (4, 3 and 2 reads).
+        assert_eq!(page(small), 0x7000);
+        assert_eq!(reads(), 4);
+        assert_eq!(page(large + 0x3000), 0x4000_3000);
+        assert_eq!(reads(), 3);
+        assert_eq!(page(huge + 0x1234_5000), 0x9234_5000);
+        assert_eq!(reads(), 2);
+        // Other pages of the same regions: one page-table read, or none.
+        assert_eq!(page(small + 0x1000), 0x9000);
+        assert_eq!(reads(), 1);
+        assert_eq!(page(large + 0x1f_f000), 0x401f_f000);
+        assert_eq!(page(huge + 0x1234_6000), 0x9234_6000);
+        assert_eq!(reads(), 0);
+        // The same answers as a full walk; a missing page-table entry is still level 1.
+        for va in [small + 0x1000, large + 0x1f_f000, huge + 0x1234_6000] {
+            assert_eq!(pt.translate(&mem, va).unwrap().pa, vm.page_pa(va).unwrap());
+        }
+        assert_eq!(
+            vm.page_pa(small + 0x2000),
+            Err(PagingError::NotPresent {
+                va: small + 0x2000,
+                level: 1
+            })
+        );
     }
 
     #[test]
