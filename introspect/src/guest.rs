@@ -388,6 +388,7 @@ impl GuestKernel {
             modules: self.lazy_modules(v),
             host_code: &self.host_code,
             symbolize,
+            scratch: Default::default(),
         }
     }
 }

@@ -715,7 +715,9 @@ pub fn unwind(
             FrameKind::Call
         },
     };
-    let mut frames = vec![first];
+    // Most kernel traces have fewer than 16 frames: one allocation for them.
+    let mut frames = Vec::with_capacity(16.min(max_frames));
+    frames.push(first);
     let Some(current) = stacks.iter().position(|s| s.contains(start.sp, 1)) else {
         return failed(
             frames,

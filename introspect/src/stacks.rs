@@ -2,6 +2,8 @@
 //! `__switch_to_asm` left for a sleeping task, the vCPU's registers for a running one), and
 //! the symbolized, reliability-judged ORC trace (guest-introspection.md §4.3–§5.5).
 
+use std::cell::{RefCell, RefMut};
+
 use crate::cpu::CpuRegs;
 use crate::host_code::{region_at, HostCode};
 use crate::kallsyms::SymbolTable;
@@ -55,6 +57,8 @@ pub struct Unwinder<'a> {
     /// Symbolize every frame ([`TaskTrace::symbols`]); a live patch's check does not
     /// (it symbolizes only the frames of a task that blocks it).
     pub symbolize: bool,
+    /// The buffer each unwind copies its stack into, kept from one task to the next.
+    pub scratch: RefCell<Vec<u8>>,
 }
 
 impl CodeMap for Unwinder<'_> {
@@ -79,17 +83,24 @@ impl CodeMap for Unwinder<'_> {
 struct Reader<'a> {
     mem: &'a dyn KernelMemory,
     base: u64,
-    bytes: Vec<u8>,
+    bytes: RefMut<'a, Vec<u8>>,
 }
 
 impl<'a> Reader<'a> {
-    /// Buffers `[from, range.end)` of `range` (8-byte aligned, at most the range). A range
-    /// that cannot be read in one piece (a guard page, a hole) is left to word reads.
-    fn new(mem: &'a dyn KernelMemory, range: Option<StackRange>, from: u64) -> Self {
+    /// Buffers `[from, range.end)` of `range` (8-byte aligned, at most the range) in
+    /// `bytes`, a reused buffer. A range that cannot be read in one piece (a guard page,
+    /// a hole) is left to word reads.
+    fn new(
+        mem: &'a dyn KernelMemory,
+        range: Option<StackRange>,
+        from: u64,
+        mut bytes: RefMut<'a, Vec<u8>>,
+    ) -> Self {
+        bytes.clear();
         let mut r = Reader {
             mem,
             base: 0,
-            bytes: Vec::new(),
+            bytes,
         };
         let Some(range) = range else {
             return r;
@@ -99,10 +110,11 @@ impl<'a> Reader<'a> {
         if len == 0 {
             return r;
         }
-        let mut bytes = vec![0u8; len as usize];
-        if mem.read_virt(start, &mut bytes).is_ok() {
+        r.bytes.resize(len as usize, 0);
+        if mem.read_virt(start, &mut r.bytes).is_ok() {
             r.base = start;
-            r.bytes = bytes;
+        } else {
+            r.bytes.clear();
         }
         r
     }
@@ -288,11 +300,17 @@ impl Unwinder<'_> {
                     }),
                 };
                 let on = stacks.iter().find(|r| r.contains(start.sp, 8)).copied();
-                self.run(&start, &stacks, &Reader::new(self.mem, on, start.sp))
+                let reader = Reader::new(self.mem, on, start.sp, self.scratch.borrow_mut());
+                self.run(&start, &stacks, &reader)
             }
             (Some(cpu), None) => unreliable(format!("running on CPU {cpu} (no vCPU registers)")),
             (None, _) => {
-                let reader = Reader::new(self.mem, Some(task_stack), task.saved_sp);
+                let reader = Reader::new(
+                    self.mem,
+                    Some(task_stack),
+                    task.saved_sp,
+                    self.scratch.borrow_mut(),
+                );
                 match orc::start_from_inactive_frame(&reader, task.saved_sp, self.ret_from_fork) {
                     Some(start)
                         if task_stack.start <= task.saved_sp && task.saved_sp < task_stack.end =>

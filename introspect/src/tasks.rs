@@ -20,6 +20,10 @@ pub const THREAD_SIZE: u64 = 16 << 10;
 const MAX_TASK_SPAN: u64 = 32 << 10;
 /// Fields closer than this are read together.
 const CLUSTER_GAP: u64 = 256;
+/// The `task_struct` fields a [`Task`] is read from.
+const TASK_FIELDS: usize = 11;
+/// Bytes of `task_struct` fields read into a buffer on the stack (more go to the heap).
+const SMALL_TASK_READ: usize = 1024;
 
 /// `PF_IDLE` and `PF_KTHREAD` in `task_struct.flags`.
 pub const PF_IDLE: u32 = 0x2;
@@ -222,7 +226,7 @@ fn read_task(
     // The fields sit in a few clusters (most near the start of task_struct, the saved
     // stack pointer near its end): one read per cluster, not one per field and not
     // the ~10 KiB between them.
-    let mut fields = [
+    let mut fields: [(u64, u64); TASK_FIELDS] = [
         (l.comm, 16u64),
         (l.pid, 4),
         (l.tgid, 4),
@@ -236,37 +240,61 @@ fn read_task(
         (l.mm, 8),
     ];
     fields.sort_unstable();
-    let mut clusters: Vec<(u64, u64)> = Vec::with_capacity(fields.len());
+    // (start, end) of each cluster, then where its bytes sit in the buffer below; no
+    // more clusters than fields.
+    let mut clusters = [(0u64, 0u64, 0usize); TASK_FIELDS];
+    let mut n = 0usize;
     for &(off, len) in &fields {
         let end = off.saturating_add(len);
-        match clusters.last_mut() {
-            Some((_, e)) if off <= e.saturating_add(CLUSTER_GAP) => *e = (*e).max(end),
-            _ => clusters.push((off, end)),
+        match n.checked_sub(1).map(|i| &mut clusters[i]) {
+            Some((_, e, _)) if off <= e.saturating_add(CLUSTER_GAP) => *e = (*e).max(end),
+            _ => {
+                clusters[n] = (off, end, 0);
+                n += 1;
+            }
         }
     }
-    let mut bytes: Vec<(u64, Vec<u8>)> = Vec::with_capacity(clusters.len());
-    for (start, end) in clusters {
-        if end - start > MAX_TASK_SPAN {
+    let clusters = &mut clusters[..n];
+    let mut total = 0usize;
+    for (start, end, at) in clusters.iter_mut() {
+        if *end - *start > MAX_TASK_SPAN {
             return Err(TaskError::Range(format!(
                 "task_struct fields span {} bytes",
-                end - start
+                *end - *start
             )));
         }
-        let mut b = vec![0u8; (end - start) as usize];
-        m.read_virt(addr.wrapping_add(start), &mut b)
-            .map_err(|detail| TaskError::Read {
-                what: format!("task {addr:#x}"),
-                detail,
-            })?;
-        bytes.push((start, b));
+        *at = total;
+        total += (*end - *start) as usize;
     }
+    // The clusters' bytes back to back in one buffer: on the stack when they fit (the
+    // usual case: a few hundred bytes), else on the heap.
+    let mut small = [0u8; SMALL_TASK_READ];
+    let mut large = Vec::new();
+    let buf: &mut [u8] = if total <= small.len() {
+        &mut small[..total]
+    } else {
+        large.resize(total, 0);
+        &mut large
+    };
+    for &(start, end, at) in clusters.iter() {
+        m.read_virt(
+            addr.wrapping_add(start),
+            &mut buf[at..at + (end - start) as usize],
+        )
+        .map_err(|detail| TaskError::Read {
+            what: format!("task {addr:#x}"),
+            detail,
+        })?;
+    }
+    let buf: &[u8] = buf;
     // Every field lies inside the cluster made for it.
     let at = |off: u64, n: usize| -> &[u8] {
-        bytes
+        clusters
             .iter()
-            .find(|(start, b)| *start <= off && off - start + n as u64 <= b.len() as u64)
-            .map_or(&[][..], |(start, b)| {
-                &b[(off - start) as usize..(off - start) as usize + n]
+            .find(|(start, end, _)| *start <= off && off.saturating_add(n as u64) <= *end)
+            .map_or(&[][..], |&(start, _, at)| {
+                let from = at + (off - start) as usize;
+                &buf[from..from + n]
             })
     };
     let u32_at = |off: u64| u32::from_le_bytes(at(off, 4).try_into().unwrap_or_default());
@@ -435,8 +463,10 @@ impl HasTask for Task {
 /// The parts of a walk in order, each task once (the first time it appears), at most
 /// [`MAX_TASKS`].
 pub fn merge<T: HasTask>(parts: impl IntoIterator<Item = Vec<T>>) -> Result<Vec<T>, TaskError> {
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
+    let parts: Vec<Vec<T>> = parts.into_iter().collect();
+    let n = parts.iter().map(Vec::len).sum::<usize>().min(MAX_TASKS);
+    let mut seen = HashSet::with_capacity(n);
+    let mut out = Vec::with_capacity(n);
     for part in parts {
         for t in part {
             if seen.insert(t.task().addr) {
