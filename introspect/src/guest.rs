@@ -4,6 +4,7 @@
 //! any number of task walks on the same memory.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use crate::btf::{Btf, BtfError};
 use crate::cpu::{CpuRegs, Vcpus};
@@ -15,6 +16,7 @@ use crate::orc::{OrcError, OrcTable};
 use crate::paging::{PageTables, VirtMemory};
 use crate::stacks::{self, CpuStackLayout, TaskTrace, Unwinder};
 use crate::tasks::{self, Roster, Task, TaskError, TaskLayout, TaskRoots};
+use crate::workers::{ScopedThreads, Workers};
 
 /// Largest BTF blob accepted (6.1.187's is about 4 MiB).
 const MAX_BTF: u64 = 64 << 20;
@@ -292,6 +294,19 @@ impl GuestKernel {
         symbolize: bool,
         per_thread: usize,
     ) -> Result<Vec<TaskStackTrace>, GuestError> {
+        self.task_traces_on(mem, vcpus, symbolize, per_thread, &ScopedThreads)
+    }
+
+    /// [`GuestKernel::task_traces_split`] on the threads `workers` lends (a live VM's
+    /// parked vCPU threads, say).
+    pub fn task_traces_on(
+        &self,
+        mem: &dyn GuestPhysMemory,
+        vcpus: &dyn Vcpus,
+        symbolize: bool,
+        per_thread: usize,
+        workers: &dyn Workers,
+    ) -> Result<Vec<TaskStackTrace>, GuestError> {
         // One read of the per-CPU offsets serves the task walk and every unwind; each
         // thread has its own page walker (and translation cache).
         let v = self.virt(mem);
@@ -322,41 +337,58 @@ impl GuestKernel {
                 .collect()
         };
         // The thread groups, a block of leaders at a time, on as many threads as the
-        // split allows: each thread takes the next block until none is left, so a
-        // thread that starts late takes fewer.
+        // split allows: each run takes the next block until none is left, so a run
+        // that starts late takes fewer, and one run alone does them all.
         let next = AtomicUsize::new(0);
         let leaders = &roster.leaders;
         let blocks = leaders.len().div_ceil(LEADERS_PER_BLOCK);
-        let work = |v: &VirtMemory<'_>| -> Result<Vec<(usize, Vec<TaskStackTrace>)>, TaskError> {
-            let u = self.unwinder(v, &offsets, symbolize);
-            let mut done = Vec::new();
+        let done: Mutex<Vec<(usize, Vec<TaskStackTrace>)>> = Mutex::new(Vec::new());
+        let failed: Mutex<Option<TaskError>> = Mutex::new(None);
+        let job = || {
+            let v = self.virt(mem);
+            let u = self.unwinder(&v, &offsets, symbolize);
+            let mut mine = Vec::new();
             loop {
                 let block = next.fetch_add(1, Ordering::Relaxed);
                 if block >= blocks {
-                    return Ok(done);
+                    break;
                 }
                 let end = ((block + 1) * LEADERS_PER_BLOCK).min(leaders.len());
-                let group =
-                    roster.groups(v, &self.layout, &leaders[block * LEADERS_PER_BLOCK..end])?;
-                done.push((block, unwind(&u, group)));
-            }
-        };
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let helpers = leaders.len().div_ceil(per_thread.max(1)).clamp(1, cpus) - 1;
-        let mut done = std::thread::scope(|s| -> Result<_, TaskError> {
-            let work = &work;
-            let others: Vec<_> = (0..helpers)
-                .map(|_| s.spawn(move || work(&self.virt(mem))))
-                .collect();
-            let mut done = work(&v)?;
-            for other in others {
-                match other.join() {
-                    Ok(more) => done.extend(more?),
-                    Err(panic) => std::panic::resume_unwind(panic),
+                match roster.groups(&v, &self.layout, &leaders[block * LEADERS_PER_BLOCK..end]) {
+                    Ok(group) => mine.push((block, unwind(&u, group))),
+                    Err(e) => {
+                        // Stop the other runs too: the walk fails.
+                        next.store(blocks, Ordering::Relaxed);
+                        failed
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert(e);
+                        break;
+                    }
                 }
             }
-            Ok(done)
-        })?;
+            done.lock().unwrap_or_else(|e| e.into_inner()).extend(mine);
+        };
+        let threads = leaders.len().div_ceil(per_thread.max(1));
+        if threads > 1 {
+            workers.run(threads, &job);
+        }
+        // Whatever the workers left (all of it with one thread, or if none ran).
+        if next.load(Ordering::Relaxed) < blocks {
+            job();
+        }
+        if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            return Err(e.into());
+        }
+        let mut done = done.into_inner().unwrap_or_else(|e| e.into_inner());
+        if done.len() != blocks {
+            // A run that panicked lost the blocks it had taken.
+            return Err(TaskError::Incomplete(format!(
+                "{} of {blocks} blocks of processes were walked (a walk thread failed)",
+                done.len()
+            ))
+            .into());
+        }
         done.sort_unstable_by_key(|(block, _)| *block);
         let u = self.unwinder(&v, &offsets, symbolize);
         let first = unwind(&u, vec![roster.init_task(&v, &self.layout)?]);

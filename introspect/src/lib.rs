@@ -16,3 +16,4 @@ pub mod stacks;
 pub mod tasks;
 pub mod virt;
 pub mod vmcoreinfo;
+pub mod workers;

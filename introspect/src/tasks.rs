@@ -42,6 +42,8 @@ pub enum TaskError {
     TornList(&'static str, String),
     #[error("guest value out of range: {0}")]
     Range(String),
+    #[error("task walk incomplete: {0}")]
+    Incomplete(String),
 }
 
 /// Structure offsets the walk needs, resolved from BTF (no hard-coded offsets).

@@ -158,4 +158,13 @@ fn unwinding_on_several_threads_gives_the_same_traces_as_one() {
     assert!(one.len() > 40, "{} tasks", one.len());
     // One task per thread: as many threads as the host has CPUs.
     assert_eq!(render(1), one);
+    // Lent threads that never run the job (gone) leave the whole walk to the caller.
+    struct Absent;
+    impl introspect::workers::Workers for Absent {
+        fn run(&self, _: usize, _: &(dyn Fn() + Sync)) {}
+    }
+    let traces = gk
+        .task_traces_on(&view.memory, &view.regs, false, 1, &Absent)
+        .unwrap();
+    assert_eq!(traces.len(), one.len());
 }

@@ -2,7 +2,7 @@
 //! (`introspect`), pausing through the vCPU threads, kernel text written through guest
 //! memory while every vCPU is out of `KVM_RUN`, patch code placed in the patch area.
 
-use introspect::guest::GuestKernel;
+use introspect::guest::{GuestKernel, TASKS_PER_UNWIND_THREAD};
 use introspect::kallsyms::LookupError;
 use introspect::orc::FrameKind;
 use patcher::consistency::TaskStack;
@@ -192,9 +192,16 @@ impl PatchTarget for LiveTarget<'_> {
         let regs = self.paused_regs()?.to_vec();
         // Unsymbolized: the check looks at addresses; a blocker's frames are
         // symbolized afterwards (`symbolize`).
+        // The walk's extra threads are the parked vCPU threads themselves.
         let traces = self
             .guest
-            .task_traces_with(&LiveMemory(self.vm.vm.memory()), &regs, false)
+            .task_traces_on(
+                &LiveMemory(self.vm.vm.memory()),
+                &regs,
+                false,
+                TASKS_PER_UNWIND_THREAD,
+                &pause::ParkedVcpus(&self.vm.vcpus),
+            )
             .map_err(|e| e.to_string())?;
         Ok(traces
             .into_iter()

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use vm_memory::GuestMemoryMmap;
 
 use crate::persist::vcpu_state::{KernelView, VcpuState};
-use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuResponse};
+use crate::vstate::vcpu::{HelpJob, VcpuError, VcpuEvent, VcpuHandle, VcpuResponse};
 
 /// How long one vCPU may take to answer a pause, resume or state request.
 pub const VCPU_TIMEOUT: Duration = Duration::from_secs(5);
@@ -89,6 +89,34 @@ pub fn resume_all(vcpus: &[VcpuHandle]) -> Result<Option<Instant>, PauseError> {
         last = Some(last.map_or(at, |l| l.max(at)));
     }
     Ok(last)
+}
+
+/// Runs `job` on each of the parked vCPU threads `vcpus`, at once, and returns when
+/// every one of them has run it or is gone. The calling thread only waits: the host CPUs
+/// the paused vCPUs leave free do the work, with threads that are already awake (they
+/// poll while parked) and nothing to start.
+pub fn help_parked(vcpus: &[VcpuHandle], job: &(dyn Fn() + Sync)) {
+    let (done, reports) = std::sync::mpsc::channel();
+    for v in vcpus {
+        // SAFETY: `job` stays borrowed until this function returns, and it returns only
+        // once `reports` is disconnected below: every HelpJob has then reported (a vCPU
+        // thread runs it, then reports) or been dropped unrun (a thread that is gone, a
+        // failed post). Nothing between here and that wait can unwind.
+        let help = unsafe { HelpJob::new(job, done.clone()) };
+        let _ = v.post(VcpuEvent::Help(help));
+    }
+    drop(done);
+    // Each report, until no sender is left.
+    while reports.recv().is_ok() {}
+}
+
+/// The parked vCPU threads of a paused VM, lent to the guest task walk.
+pub struct ParkedVcpus<'a>(pub &'a [VcpuHandle]);
+
+impl introspect::workers::Workers for ParkedVcpus<'_> {
+    fn run(&self, threads: usize, job: &(dyn Fn() + Sync)) {
+        help_parked(&self.0[..threads.min(self.0.len())], job);
+    }
 }
 
 /// Reads one parked vCPU's whole state (registers, special registers, `msrs`, LAPIC,
@@ -365,6 +393,19 @@ mod tests {
             assert_eq!((view.regs.rip, view.regs.rax), (full.0, full.1));
             assert_eq!(view.kernel_gs_base, 0);
         }
+        // The parked threads run a job for this thread, each once, on their own threads;
+        // a job that panics is reported done (the caller finds its work missing) and the
+        // thread stays parked and answering.
+        let me = std::thread::current().id();
+        let ran = std::sync::Mutex::new(Vec::new());
+        help_parked(&handles, &|| {
+            ran.lock().unwrap().push(std::thread::current().id());
+        });
+        let ran = ran.into_inner().unwrap();
+        assert_eq!(ran.len(), 2);
+        assert!(ran[0] != ran[1] && !ran.contains(&me), "{ran:?}");
+        help_parked(&handles[..1], &|| panic!("a job that panics"));
+        assert_eq!(first, read(&handles), "state changed while helping");
         // A nested hold does not pause again; the last release resumes.
         assert_eq!(control.hold(&handles).unwrap(), None);
         assert!(!control.release(&handles).unwrap());

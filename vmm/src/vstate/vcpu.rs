@@ -35,7 +35,7 @@ const MAX_INSN_LEN: usize = 15;
 const MAX_STALE_CODE_RETRIES: u32 = 3;
 
 /// Messages to a vCPU thread.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuEvent {
     Pause,
     Resume,
@@ -44,6 +44,47 @@ pub enum VcpuEvent {
     SaveState(Arc<Vec<u32>>),
     /// While paused: read the registers introspection needs (a [`KernelView`]).
     ReadKernelView,
+    /// While paused: run a job for the VMM thread (the host CPU is free meanwhile).
+    Help(HelpJob),
+}
+
+/// A job a parked vCPU thread runs for the VMM thread, which waits for it
+/// ([`crate::vstate::pause::help_parked`]).
+pub struct HelpJob {
+    job: &'static (dyn Fn() + Sync),
+    done: Sender<()>,
+}
+
+impl std::fmt::Debug for HelpJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HelpJob")
+    }
+}
+
+impl HelpJob {
+    /// # Safety
+    ///
+    /// `job` must outlive the returned value: the caller must not let `job`'s borrow end
+    /// before every `HelpJob` made from it has reported on `done`'s channel or been
+    /// dropped (each holds one sender; the channel reports `Disconnected` once all are
+    /// gone). `run` reports, and uses `job` only before it does.
+    pub unsafe fn new(job: &(dyn Fn() + Sync), done: Sender<()>) -> Self {
+        // SAFETY: only the lifetime changes (same fat-pointer layout); the caller keeps
+        // the borrow alive for as long as this value can use it (see above).
+        let job =
+            unsafe { std::mem::transmute::<&(dyn Fn() + Sync), &'static (dyn Fn() + Sync)>(job) };
+        HelpJob { job, done }
+    }
+
+    /// Runs the job (a panic in it is caught: the caller finds the work incomplete), then
+    /// reports.
+    fn run(self) {
+        let HelpJob { job, done } = self;
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+            tracing::warn!("a job run on a parked vCPU thread panicked");
+        }
+        let _ = done.send(());
+    }
 }
 
 /// Replies from a vCPU thread.
@@ -183,6 +224,14 @@ impl VcpuHandle {
         Ok(())
     }
 
+    /// Sends `event` without a kick: for a parked thread, which reads its requests
+    /// outside `KVM_RUN`.
+    pub fn post(&self, event: VcpuEvent) -> Result<(), VcpuError> {
+        self.events
+            .send(event)
+            .map_err(|_| VcpuError::Gone(self.id))
+    }
+
     /// Waits for the thread's reply.
     pub fn wait(&self, timeout: Duration) -> Result<VcpuResponse, VcpuError> {
         self.responses.recv_timeout(timeout).map_err(|e| match e {
@@ -316,6 +365,7 @@ impl Vcpu {
                         "vCPU is running; pause it first".into(),
                     ))));
                 }
+                VcpuEvent::Help(job) => job.run(),
                 VcpuEvent::Pause => {
                     // Tell the guest it was stopped, so its watchdogs forgive the gap.
                     if let Err(e) = self.fd.kvmclock_ctrl() {
@@ -338,6 +388,7 @@ impl Vcpu {
                             Ok(VcpuEvent::ReadKernelView) => {
                                 let _ = responses.send(self.kernel_view());
                             }
+                            Ok(VcpuEvent::Help(job)) => job.run(),
                             Ok(VcpuEvent::Finish) | Err(_) => return true,
                         }
                     }
@@ -367,6 +418,7 @@ impl Vcpu {
                 Ok(VcpuEvent::ReadKernelView) => {
                     let _ = responses.send(self.kernel_view());
                 }
+                Ok(VcpuEvent::Help(job)) => job.run(),
             }
         }
     }
