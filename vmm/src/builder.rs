@@ -309,9 +309,14 @@ pub(crate) fn start(
     }
     let barrier = Arc::new(Barrier::new(vcpus.len() + 1));
     let poll = crate::vstate::vcpu::parked_poll(vcpus.len());
+    let parked = Arc::new(crate::vstate::parked_cpus::ParkedCpus::new(vcpus.len()));
     let handles = vcpus
         .into_iter()
-        .map(|v| v.with_parked_poll(poll).start(barrier.clone()))
+        .map(|v| {
+            v.with_parked_poll(poll)
+                .with_parked_cpus(parked.clone())
+                .start(barrier.clone())
+        })
         .collect::<Result<Vec<_>, _>>()?;
     barrier.wait();
     Ok(RunningVm {

@@ -18,6 +18,7 @@ use crate::arch::x86_64::emulate::{self, EmulateError, Fallback, FallbackStats, 
 use crate::devices::bus::Bus;
 use crate::persist::vcpu_state::{self, KernelView, VcpuState};
 use crate::vstate::exit::{ExitReason, ExitSignal};
+use crate::vstate::parked_cpus::ParkedCpus;
 
 /// Signal used to kick a vCPU thread out of `KVM_RUN`.
 pub fn kick_signal() -> i32 {
@@ -129,21 +130,33 @@ pub fn parked_poll(cpus: usize) -> std::time::Duration {
 }
 
 /// The next request for a parked vCPU: polled for `poll`, then waited for.
+/// While polling, vCPU `id`'s thread keeps off the host CPUs of the VM's other parked
+/// vCPU threads (`spread`, see [`ParkedCpus`]).
 fn recv_while_paused(
     events: &Receiver<VcpuEvent>,
     poll: std::time::Duration,
+    spread: Option<(&ParkedCpus, usize)>,
 ) -> Result<VcpuEvent, std::sync::mpsc::RecvError> {
     let until = std::time::Instant::now() + poll;
+    let mut polled = None;
     while std::time::Instant::now() < until {
-        match events.try_recv() {
-            Ok(event) => return Ok(event),
-            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                return Err(std::sync::mpsc::RecvError)
+        polled = Some(match events.try_recv() {
+            Ok(event) => Ok(event),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(std::sync::mpsc::RecvError),
+            Err(std::sync::mpsc::TryRecvError::Empty) => {
+                if let Some((parked, id)) = spread {
+                    parked.spread(id);
+                }
+                std::thread::yield_now();
+                continue;
             }
-            Err(std::sync::mpsc::TryRecvError::Empty) => std::thread::yield_now(),
-        }
+        });
+        break;
     }
-    events.recv()
+    if let Some((parked, id)) = spread {
+        parked.leave(id);
+    }
+    polled.unwrap_or_else(|| events.recv())
 }
 
 /// Errors of vCPU control.
@@ -200,6 +213,8 @@ pub struct Vcpu {
     stale_code: Option<(u64, Vec<u8>, u32)>,
     /// How long this thread polls for its next request while parked ([`parked_poll`]).
     parked_poll: std::time::Duration,
+    /// Where the VM's parked vCPU threads poll, to keep them on different host CPUs.
+    parked_cpus: Option<Arc<ParkedCpus>>,
 }
 
 /// The VMM's handle on a running vCPU thread.
@@ -282,12 +297,19 @@ impl Vcpu {
             stats,
             stale_code: None,
             parked_poll: std::time::Duration::ZERO,
+            parked_cpus: None,
         }
     }
 
     /// Sets how long the thread polls while parked (see [`parked_poll`]).
     pub fn with_parked_poll(mut self, poll: std::time::Duration) -> Self {
         self.parked_poll = poll;
+        self
+    }
+
+    /// Shares where the VM's parked vCPU threads poll (see [`ParkedCpus`]).
+    pub fn with_parked_cpus(mut self, parked: Arc<ParkedCpus>) -> Self {
+        self.parked_cpus = Some(parked);
         self
     }
 
@@ -373,7 +395,8 @@ impl Vcpu {
                     }
                     let _ = responses.send(VcpuResponse::Paused);
                     loop {
-                        match recv_while_paused(events, self.parked_poll) {
+                        let spread = self.parked_cpus.as_deref().map(|p| (p, self.id as usize));
+                        match recv_while_paused(events, self.parked_poll, spread) {
                             Ok(VcpuEvent::Resume) => {
                                 let _ = responses
                                     .send(VcpuResponse::Resumed(std::time::Instant::now()));
@@ -749,7 +772,7 @@ mod tests {
         // Sent during the polling window.
         tx.send(VcpuEvent::Resume).unwrap();
         assert!(matches!(
-            recv_while_paused(&rx, PARKED_POLL),
+            recv_while_paused(&rx, PARKED_POLL, None),
             Ok(VcpuEvent::Resume)
         ));
         // Sent well after it: the thread has gone to sleep and is woken by it.
@@ -760,14 +783,14 @@ mod tests {
         });
         let started = Instant::now();
         assert!(matches!(
-            recv_while_paused(&rx, PARKED_POLL),
+            recv_while_paused(&rx, PARKED_POLL, None),
             Ok(VcpuEvent::Pause)
         ));
         assert!(started.elapsed() >= PARKED_POLL * 3);
         // The VMM gone: an error, whether polling or asleep.
         drop(late.join().unwrap());
-        assert!(recv_while_paused(&rx, PARKED_POLL).is_err());
-        assert!(recv_while_paused(&rx, std::time::Duration::ZERO).is_err());
+        assert!(recv_while_paused(&rx, PARKED_POLL, None).is_err());
+        assert!(recv_while_paused(&rx, std::time::Duration::ZERO, None).is_err());
         // More vCPUs than host CPUs: no polling.
         assert_eq!(parked_poll(usize::MAX), std::time::Duration::ZERO);
         assert_eq!(parked_poll(1), PARKED_POLL);
