@@ -405,6 +405,15 @@ mod tests {
         assert_eq!(ran.len(), 2);
         assert!(ran[0] != ran[1] && !ran.contains(&me), "{ran:?}");
         help_parked(&handles[..1], &|| panic!("a job that panics"));
+        // As the task walk's workers: as many runs as asked for, at most one per vCPU.
+        use introspect::workers::Workers;
+        let runs = std::sync::atomic::AtomicUsize::new(0);
+        let count = || {
+            runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        };
+        ParkedVcpus(&handles).run(5, &count);
+        ParkedVcpus(&handles).run(1, &count);
+        assert_eq!(runs.load(std::sync::atomic::Ordering::Relaxed), 3);
         assert_eq!(first, read(&handles), "state changed while helping");
         // A nested hold does not pause again; the last release resumes.
         assert_eq!(control.hold(&handles).unwrap(), None);
