@@ -174,10 +174,21 @@ fn tasks_and_stacks_match_the_kernels_own_sysrq_t() {
         both.difference(&printed_ids).collect::<Vec<_>>()
     );
     let either: BTreeSet<_> = b.union(&a).cloned().collect();
+    // A kworker its pool retires renames itself `kworker/dying` on its way out (seen
+    // once here: pid 25 was `kworker/…` at the host's first walk, printed as dying by
+    // the kernel, and gone at the second walk).
+    let unseen: Vec<_> = printed_ids
+        .difference(&either)
+        .filter(|(pid, comm)| {
+            !(comm == "kworker/dying"
+                && either
+                    .iter()
+                    .any(|(p, c)| p == pid && c.starts_with("kworker/")))
+        })
+        .collect();
     assert!(
-        printed_ids.is_subset(&either),
-        "kernel printed tasks the host did not see: {:?}",
-        printed_ids.difference(&either).collect::<Vec<_>>()
+        unseen.is_empty(),
+        "kernel printed tasks the host did not see: {unseen:?}"
     );
     // Idle tasks: one per CPU, none on the process list.
     let idle: Vec<&Value> = after.iter().filter(|t| t["idle"] == true).collect();
