@@ -29,12 +29,8 @@ const NX: u64 = 1 << 63;
 
 /// Slots of [`VirtMemory`]'s direct-mapped translation cache (a power of two).
 const CACHE_SLOTS: usize = 4096;
-/// A cache slot no virtual page number can match (VPNs have at most 45 bits).
-const EMPTY_SLOT: (u64, u64) = (u64::MAX, 0);
 /// Slots of [`VirtMemory`]'s cache of 2 MiB regions (a power of two).
 const REGION_SLOTS: usize = 512;
-/// A region slot no key can match (keys have at most 43 bits).
-const EMPTY_REGION: (u64, Region) = (u64::MAX, Region::Table(0));
 
 /// Errors translating or reading guest virtual addresses.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -203,19 +199,57 @@ enum Region {
     Table(u64),
 }
 
+/// A direct-mapped cache keyed by a page or region number: a key's slot is its low
+/// bits, O(1) however the guest lays out its addresses; a collision just replaces.
+struct DirectMapped<V> {
+    slots: RefCell<Vec<(u64, V)>>,
+}
+
+/// A key no page or region number can be (they have at most 52 bits).
+const NO_KEY: u64 = u64::MAX;
+
+impl<V: Copy> DirectMapped<V> {
+    /// `slots` is a power of two; `empty` fills the unused ones.
+    fn new(slots: usize, empty: V) -> Self {
+        DirectMapped {
+            slots: RefCell::new(vec![(NO_KEY, empty); slots]),
+        }
+    }
+
+    /// The value for `key`, from the cache or from `fill` (then cached).
+    fn get_or_try<E>(&self, key: u64, fill: impl FnOnce() -> Result<V, E>) -> Result<V, E> {
+        let slot = (key as usize) & (self.slots.borrow().len() - 1);
+        if let Some(&(k, v)) = self.slots.borrow().get(slot) {
+            if k == key {
+                return Ok(v);
+            }
+        }
+        let v = fill()?;
+        if let Some(s) = self.slots.borrow_mut().get_mut(slot) {
+            *s = (key, v);
+        }
+        Ok(v)
+    }
+
+    fn clear(&self) {
+        for s in self.slots.borrow_mut().iter_mut() {
+            s.0 = NO_KEY;
+        }
+    }
+}
+
 /// Guest virtual memory read through one set of page tables, with a small cache of
 /// translated pages. Only valid while the guest's tables do not change (a paused VM, a
 /// snapshot): drop it or call [`VirtMemory::clear_cache`] after the guest ran.
 pub struct VirtMemory<'a> {
     mem: &'a dyn GuestPhysMemory,
     pt: PageTables,
-    /// (VA page number, PA of that 4 KiB page), direct-mapped by the page number's low
-    /// bits: O(1) however the guest lays out its addresses, a collision just replaces.
-    cache: RefCell<Vec<(u64, u64)>>,
-    /// (VA >> 21, what maps that 2 MiB region), direct-mapped the same way: the upper
+    /// VA page number → PA of that 4 KiB page.
+    cache: DirectMapped<u64>,
+    /// VA >> 21 → what maps that 2 MiB region: the upper
     /// levels of a walk, as a CPU's paging-structure caches keep them. A page missing
     /// from `cache` then costs one read (its page-table entry) or none (a large leaf).
-    regions: RefCell<Vec<(u64, Region)>>,
+    regions: DirectMapped<Region>,
 }
 
 impl<'a> VirtMemory<'a> {
@@ -223,8 +257,8 @@ impl<'a> VirtMemory<'a> {
         VirtMemory {
             mem,
             pt,
-            cache: RefCell::new(vec![EMPTY_SLOT; CACHE_SLOTS]),
-            regions: RefCell::new(vec![EMPTY_REGION; REGION_SLOTS]),
+            cache: DirectMapped::new(CACHE_SLOTS, 0),
+            regions: DirectMapped::new(REGION_SLOTS, Region::Table(0)),
         }
     }
 
@@ -238,8 +272,8 @@ impl<'a> VirtMemory<'a> {
 
     /// Forgets every cached translation.
     pub fn clear_cache(&self) {
-        self.cache.borrow_mut().fill(EMPTY_SLOT);
-        self.regions.borrow_mut().fill(EMPTY_REGION);
+        self.cache.clear();
+        self.regions.clear();
     }
 
     /// A full, uncached walk (flags included).
@@ -249,41 +283,22 @@ impl<'a> VirtMemory<'a> {
 
     /// Physical address of the 4 KiB page holding `va`, from the cache or a walk.
     fn page_pa(&self, va: u64) -> Result<u64, PagingError> {
-        let vpn = va >> 12;
-        let slot = (vpn as usize) & (CACHE_SLOTS - 1);
-        if let Some(&(v, pa)) = self.cache.borrow().get(slot) {
-            if v == vpn {
-                return Ok(pa);
-            }
-        }
-        let pa = match self.region(va)? {
-            Region::Mapped(base) => base | (va & (LARGE_PAGE_SIZE - 1) & !(PAGE_SIZE - 1)),
-            Region::Table(pt) => match walk(self.mem, va, pt, 1, 1)? {
-                Walk::Leaf(t) => t.pa & !(PAGE_SIZE - 1),
-                Walk::Table(_) => return Err(PagingError::NotPresent { va, level: 1 }),
-            },
-        };
-        if let Some(s) = self.cache.borrow_mut().get_mut(slot) {
-            *s = (vpn, pa);
-        }
-        Ok(pa)
+        self.cache.get_or_try(va >> 12, || {
+            Ok(match self.region(va)? {
+                Region::Mapped(base) => base | (va & (LARGE_PAGE_SIZE - 1) & !(PAGE_SIZE - 1)),
+                Region::Table(pt) => match walk(self.mem, va, pt, 1, 1)? {
+                    Walk::Leaf(t) => t.pa & !(PAGE_SIZE - 1),
+                    Walk::Table(_) => return Err(PagingError::NotPresent { va, level: 1 }),
+                },
+            })
+        })
     }
 
     /// What maps the 2 MiB region holding `va`, from the cache or a walk of the levels
     /// above the page table.
     fn region(&self, va: u64) -> Result<Region, PagingError> {
-        let key = va >> 21;
-        let slot = (key as usize) & (REGION_SLOTS - 1);
-        if let Some(&(k, r)) = self.regions.borrow().get(slot) {
-            if k == key {
-                return Ok(r);
-            }
-        }
-        let r = self.pt.region(self.mem, va)?;
-        if let Some(s) = self.regions.borrow_mut().get_mut(slot) {
-            *s = (key, r);
-        }
-        Ok(r)
+        self.regions
+            .get_or_try(va >> 21, || self.pt.region(self.mem, va))
     }
 
     /// Fills `buf` from virtual address `va`, translating each page separately.

@@ -138,21 +138,23 @@ fn recv_while_paused(
     spread: Option<(&ParkedCpus, usize)>,
 ) -> Result<VcpuEvent, std::sync::mpsc::RecvError> {
     let until = std::time::Instant::now() + poll;
-    let mut polled = None;
-    while std::time::Instant::now() < until {
-        polled = Some(match events.try_recv() {
-            Ok(event) => Ok(event),
-            Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(std::sync::mpsc::RecvError),
+    let polled = loop {
+        if std::time::Instant::now() >= until {
+            break None;
+        }
+        match events.try_recv() {
+            Ok(event) => break Some(Ok(event)),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                break Some(Err(std::sync::mpsc::RecvError))
+            }
             Err(std::sync::mpsc::TryRecvError::Empty) => {
                 if let Some((parked, id)) = spread {
                     parked.spread(id);
                 }
                 std::thread::yield_now();
-                continue;
             }
-        });
-        break;
-    }
+        }
+    };
     if let Some((parked, id)) = spread {
         parked.leave(id);
     }
